@@ -1,0 +1,37 @@
+# Everything starts from nothing: `make test` / `make demo` / `make bench` create .venv when needed.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+# CPU machines take the CPU build of torch that lies on disk; never an unpinned torch (a multi-GB CUDA build).
+# On a CUDA box the venv sees the system's torch instead (created with --system-site-packages).
+TORCH_CPU := torch==2.13.0
+HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+EXTRAS ?= dev,hf
+
+.PHONY: install test demo bench bench-gpu clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+ifeq ($(HAS_CUDA),1)
+	test -x $(BIN)/python || $(PY) -m venv --system-site-packages $(VENV)
+	$(BIN)/python -c "import torch" || $(BIN)/pip install torch
+else
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q $(TORCH_CPU)
+endif
+	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
+	touch $@
+
+test: install
+	$(BIN)/python -m pytest tests
+
+demo: install
+	$(BIN)/moelab train --preset moe-tiny --steps 300 --out runs/demo-moe-tiny
+
+bench: install
+	OMP_NUM_THREADS=2 $(BIN)/python bench/moe_experts_cpu.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/train_cpu.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

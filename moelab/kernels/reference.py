@@ -1,0 +1,137 @@
+"""Pure-torch MoE expert compute: the specification every kernel is tested against.
+
+Shape legend: T tokens, k slots per token, S = T*k routed slots, E experts, d model width, d_e expert width.
+
+Slots are sorted by expert (stable), so each expert runs two dense GEMMs over a contiguous block of rows;
+the Python loop runs over experts, never over tokens. The backward is written by hand: letting autograd
+differentiate `w[e]` per expert would materialise a full-size [E, ...] gradient for every expert.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def route_slots(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Sort the flattened (token, k) slots by expert.
+
+    topk_idx: [T, k] int, -1 marks a dropped slot (capacity overflow).
+    Returns order [S'] (flat slot ids of kept slots, grouped by expert, stable), token [S'] (their token
+    ids) and counts [E] (slots per expert); S' = number of kept slots.
+    """
+    flat = topk_idx.reshape(-1)
+    k = topk_idx.shape[1] if topk_idx.dim() == 2 else 1
+    # Dropped slots (-1) sort first; skip them.
+    order = torch.argsort(flat, stable=True)
+    counts = torch.bincount(flat[flat >= 0], minlength=n_experts)
+    n_dropped = flat.numel() - int(counts.sum())
+    order = order[n_dropped:]
+    return order, order // k, counts
+
+
+def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int]):
+    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], y [S, d])."""
+    S, d = xs.shape
+    de = w_down.shape[2]
+    h = xs.new_empty(S, 2 * de)
+    y = xs.new_empty(S, d)
+    start = 0
+    for e, n in enumerate(counts):
+        if n == 0:
+            continue
+        rows = slice(start, start + n)
+        torch.mm(xs[rows], w_gate_up[e].t(), out=h[rows])
+        a = F.silu(h[rows, :de]) * h[rows, de:]
+        torch.mm(a, w_down[e].t(), out=y[rows])
+        start += n
+    return h, y
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, w_gate_up, w_down, topk_idx, topk_weight):
+        T, d = x.shape
+        E = w_gate_up.shape[0]
+        order, token, counts_t = route_slots(topk_idx, E)
+        counts = counts_t.tolist()
+        xs = x.index_select(0, token)
+        h, y = _swiglu_experts(xs, w_gate_up, w_down, counts)
+        w_slot = topk_weight.reshape(-1).index_select(0, order).to(y.dtype)
+        out = torch.zeros_like(x)
+        out.index_add_(0, token, y * w_slot[:, None])
+        ctx.save_for_backward(x, w_gate_up, w_down, order, token, h, y, w_slot)
+        ctx.counts = counts
+        ctx.topk_shape = topk_weight.shape
+        ctx.topk_dtype = topk_weight.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, w_gate_up, w_down, order, token, h, y, w_slot = ctx.saved_tensors
+        de = w_down.shape[2]
+        dys = dout.index_select(0, token)  # [S, d] grad of each slot's weighted output
+        # d out / d w_slot = y (per slot)
+        d_wslot = (dys * y).sum(1)
+        d_topk = torch.zeros(ctx.topk_shape.numel(), dtype=ctx.topk_dtype, device=dout.device)
+        d_topk.index_copy_(0, order, d_wslot.to(ctx.topk_dtype))
+        dys.mul_(w_slot[:, None])  # now grad of the unweighted expert output y
+        xs = x.index_select(0, token)
+        dxs = torch.empty_like(xs)
+        dw_gu = torch.zeros_like(w_gate_up)
+        dw_down = torch.zeros_like(w_down)
+        start = 0
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                continue
+            rows = slice(start, start + n)
+            g, u = h[rows, :de], h[rows, de:]
+            sg = torch.sigmoid(g)
+            silu_g = g * sg
+            a = silu_g * u
+            torch.mm(dys[rows].t(), a, out=dw_down[e])
+            da = dys[rows] @ w_down[e]  # [n, de]
+            dh = torch.empty_like(h[rows])
+            torch.mul(da, silu_g, out=dh[:, de:])  # d/du
+            # d silu(g)/dg = sg * (1 + g * (1 - sg))
+            torch.mul(da * u, sg * (1 + g * (1 - sg)), out=dh[:, :de])
+            torch.mm(dh.t(), xs[rows], out=dw_gu[e])
+            torch.mm(dh, w_gate_up[e], out=dxs[rows])
+            start += n
+        dx = torch.zeros_like(x)
+        dx.index_add_(0, token, dxs)
+        return dx, dw_gu, dw_down, None, d_topk.view(ctx.topk_shape)
+
+
+def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_idx: torch.Tensor,
+                topk_weight: torch.Tensor) -> torch.Tensor:
+    """Routed SwiGLU experts, weighted and summed over the k slots of each token.
+
+    x: [T, d]; w_gate_up: [E, 2*d_e, d] (rows [0:d_e] gate, [d_e:2 d_e] up; nn.Linear out x in);
+    w_down: [E, d, d_e]; topk_idx: [T, k] int (-1 = dropped slot); topk_weight: [T, k].
+    Returns [T, d]: sum_k topk_weight[t, j] * down_e(silu(gate_e x_t) * up_e x_t), e = topk_idx[t, j].
+    Differentiable in x, w_gate_up, w_down and topk_weight.
+    """
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        # Run the whole block in the autocast dtype (bf16 GEMMs), with fp32 outside it.
+        dt = torch.get_autocast_dtype(dev)
+        with torch.autocast(dev, enabled=False):
+            return _MoEExperts.apply(x.to(dt), w_gate_up.to(dt), w_down.to(dt), topk_idx, topk_weight)
+    return _MoEExperts.apply(x, w_gate_up, w_down, topk_idx, topk_weight)
+
+
+def moe_experts_naive(x, w_gate_up, w_down, topk_idx, topk_weight):
+    """Per-token loop, autograd backward: the slow, obviously-correct specification used in tests."""
+    de = w_down.shape[2]
+    rows = []
+    for t in range(x.shape[0]):
+        acc = torch.zeros_like(x[t])
+        for j in range(topk_idx.shape[1]):
+            e = int(topk_idx[t, j])
+            if e < 0:
+                continue
+            h = w_gate_up[e] @ x[t]
+            acc = acc + topk_weight[t, j].to(x.dtype) * (w_down[e] @ (F.silu(h[:de]) * h[de:]))
+        rows.append(acc)
+    return torch.stack(rows)

@@ -1,0 +1,586 @@
+"""Typed configs for one run, presets, parameter and FLOP accounting, Hugging Face config import.
+
+Every config is a dataclass with defaults that run on a laptop. Configs are filled strictly from dicts
+(YAML sweep files, `--section.field value` flags): an unknown key or a bad value raises `ConfigError`
+naming the dotted field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type, or inconsistent with another one."""
+
+
+def _fail(path: str, value: Any, allowed: str) -> None:
+    raise ConfigError(f"{path}: got {value!r}; allowed: {allowed}")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Model
+
+
+@dataclass
+class MoEConfig:
+    """The MoE FFN. `n_experts == 0` means a dense SwiGLU FFN everywhere.
+
+    Granularity G (Krajewski et al.): a dense FFN of width `d_ff` becomes G experts of width `d_ff / G`;
+    `d_expert` overrides that width directly (HF imports do this).
+    """
+
+    n_experts: int = 0  # routed experts per MoE layer; 0 = dense model
+    top_k: int = 2
+    granularity: int = 1
+    d_expert: int = 0  # 0 = d_ff // granularity
+    n_shared: int = 0  # always-on shared experts
+    d_shared: int = 0  # width of each shared expert; 0 = d_expert
+    shared_gate: bool = False  # Qwen2-MoE: shared output scaled by sigmoid(x . w)
+    score_func: Literal["softmax", "sigmoid"] = "softmax"
+    renormalize: bool = True  # rescale the top-k gate weights to sum to 1
+    aux_loss_coef: float = 0.01  # Switch balance loss a * N * sum_i f_i P_i
+    z_loss_coef: float = 0.001  # ST-MoE router z-loss
+    bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free bias step gamma; 0 = off
+    capacity_factor: float = 0.0  # 0 = dropless; else capacity = ceil(cf * T * k / E) slots per expert
+    dense_layers: tuple[int, ...] = ()  # layer indices that keep a dense FFN (e.g. DeepSeek's first layers)
+    force_balanced: bool = False  # tests/debug: route round-robin, ignoring the router (deterministic load)
+
+    @property
+    def enabled(self) -> bool:
+        return self.n_experts > 0
+
+
+@dataclass
+class ModelConfig:
+    """A LLaMA/Qwen-style decoder. Shapes: d_model, heads of `head_dim`, GQA with `n_kv_heads`."""
+
+    vocab_size: int = 257  # byte tokenizer: 256 bytes + end-of-document
+    d_model: int = 64
+    n_layers: int = 2
+    n_heads: int = 4
+    n_kv_heads: int = 0  # 0 = n_heads (multi-head attention)
+    head_dim: int = 0  # 0 = d_model // n_heads
+    d_ff: int = 192  # dense SwiGLU width
+    max_seq_len: int = 2048
+    rope_theta: float = 10000.0
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False
+    qk_norm: Literal["none", "full", "head"] = "none"  # full: over all heads (OLMoE); head: per head
+    tie_embeddings: bool = False
+    init_std: float = 0.02
+    moe: MoEConfig = field(default_factory=MoEConfig)
+
+    # -- derived ------------------------------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def hd(self) -> int:
+        return self.head_dim or self.d_model // self.n_heads
+
+    @property
+    def d_expert(self) -> int:
+        return self.moe.d_expert or self.d_ff // self.moe.granularity
+
+    @property
+    def d_shared_total(self) -> int:
+        """Shared experts are summed, so n_shared SwiGLUs of width w equal one SwiGLU of width n*w."""
+        return self.moe.n_shared * (self.moe.d_shared or self.d_expert)
+
+    def is_moe_layer(self, i: int) -> bool:
+        return self.moe.enabled and i not in self.moe.dense_layers
+
+    def validate(self) -> "ModelConfig":
+        m = self.moe
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
+            if getattr(self, name) <= 0:
+                _fail(f"model.{name}", getattr(self, name), "a positive integer")
+        if self.n_kv_heads < 0 or self.head_dim < 0:
+            _fail("model.n_kv_heads/head_dim", (self.n_kv_heads, self.head_dim), ">= 0 (0 = derived)")
+        if not self.head_dim and self.d_model % self.n_heads:
+            _fail("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model} (or set head_dim)")
+        if self.n_heads % self.kv_heads:
+            _fail("model.n_kv_heads", self.n_kv_heads, f"a divisor of model.n_heads={self.n_heads}")
+        if self.hd % 2:
+            _fail("model.head_dim", self.hd, "an even number (RoPE rotates pairs)")
+        if self.qk_norm not in ("none", "full", "head"):
+            _fail("model.qk_norm", self.qk_norm, "'none', 'full', 'head'")
+        if m.score_func not in ("softmax", "sigmoid"):
+            _fail("model.moe.score_func", m.score_func, "'softmax', 'sigmoid'")
+        if m.n_experts < 0:
+            _fail("model.moe.n_experts", m.n_experts, "0 (dense) or a positive integer")
+        if not m.enabled:
+            return self
+        if not 1 <= m.top_k <= m.n_experts:
+            _fail("model.moe.top_k", m.top_k, f"1..model.moe.n_experts={m.n_experts}")
+        if m.granularity < 1:
+            _fail("model.moe.granularity", m.granularity, "an integer >= 1")
+        if not m.d_expert and self.d_ff % m.granularity:
+            divisors = [g for g in range(1, min(self.d_ff, 64) + 1) if self.d_ff % g == 0]
+            _fail("model.moe.granularity", m.granularity, f"a divisor of model.d_ff={self.d_ff}: {divisors}")
+        if m.d_expert < 0 or m.d_shared < 0 or m.n_shared < 0:
+            _fail("model.moe.d_expert/d_shared/n_shared", (m.d_expert, m.d_shared, m.n_shared), ">= 0")
+        if m.capacity_factor < 0:
+            _fail("model.moe.capacity_factor", m.capacity_factor, "0 (dropless) or a positive number")
+        if m.aux_loss_coef < 0 or m.z_loss_coef < 0 or m.bias_update_rate < 0:
+            _fail("model.moe.*_coef/bias_update_rate", (m.aux_loss_coef, m.z_loss_coef, m.bias_update_rate), ">= 0")
+        bad = [i for i in m.dense_layers if not 0 <= i < self.n_layers]
+        if bad:
+            _fail("model.moe.dense_layers", m.dense_layers, f"layer indices in 0..{self.n_layers - 1}")
+        if m.shared_gate and not m.n_shared:
+            _fail("model.moe.shared_gate", True, "true only with model.moe.n_shared >= 1")
+        return self
+
+    # -- accounting ---------------------------------------------------------------------------------------
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts. `active` = what one token uses (top_k routed experts, every shared expert).
+
+        `embedding` is the token embedding plus an untied output head; `non_embedding` the rest.
+        """
+        d, hd, nh, nkv = self.d_model, self.hd, self.n_heads, self.kv_heads
+        attn = d * nh * hd + 2 * d * nkv * hd + nh * hd * d
+        if self.qkv_bias:
+            attn += nh * hd + 2 * nkv * hd
+        if self.qk_norm == "full":
+            attn += nh * hd + nkv * hd
+        elif self.qk_norm == "head":
+            attn += 2 * hd
+        norms = 2 * d
+        dense_ffn = 3 * d * self.d_ff
+        total = active = 0
+        routed_total = routed_active = 0
+        for i in range(self.n_layers):
+            base = attn + norms
+            if self.is_moe_layer(i):
+                m = self.moe
+                expert = 3 * d * self.d_expert
+                shared = 3 * d * self.d_shared_total + (d if m.shared_gate else 0)
+                router = m.n_experts * d
+                total += base + router + shared + m.n_experts * expert
+                active += base + router + shared + m.top_k * expert
+                routed_total += m.n_experts * expert
+                routed_active += m.top_k * expert
+            else:
+                total += base + dense_ffn
+                active += base + dense_ffn
+        embedding = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+        final_norm = d
+        total += embedding + final_norm
+        active += embedding + final_norm
+        return {
+            "total": total,
+            "active": active,
+            "embedding": embedding,
+            "non_embedding": total - embedding,
+            "active_non_embedding": active - embedding,
+            "routed_experts": routed_total,
+            "routed_active": routed_active,
+        }
+
+    def flops_per_token(self, seq_len: int | None = None) -> float:
+        """Training FLOPs per token, forward + backward.
+
+        Convention (Kaplan et al. 2020 / Chinchilla): 6 x (active non-embedding params + the output-head
+        matmul, vocab x d_model) + attention scores and values, 6 x 2 x n_layers x seq_len x (n_heads x
+        head_dim), counted without the causal-mask discount. The embedding lookup costs nothing.
+        """
+        s = seq_len or self.max_seq_len
+        pc = self.param_counts()
+        matmul_params = pc["active_non_embedding"] + self.vocab_size * self.d_model
+        return 6.0 * matmul_params + 12.0 * self.n_layers * s * self.n_heads * self.hd
+
+    # -- Hugging Face import ------------------------------------------------------------------------------
+    @classmethod
+    def from_hf_config(cls, cfg: dict) -> "ModelConfig":
+        """Build a ModelConfig from a Hugging Face `config.json` dict.
+
+        Families: llama, mistral, qwen2 (dense); mixtral, qwen2_moe, olmoe, deepseek (v1, no MLA).
+        """
+        return _from_hf(cfg)
+
+
+def _from_hf(cfg: dict) -> ModelConfig:
+    mt = cfg.get("model_type")
+    families = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "olmoe", "deepseek")
+    if mt not in families:
+        _fail("config.json model_type", mt, ", ".join(families))
+    if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
+        _fail("config.json hidden_act", cfg.get("hidden_act"), "'silu' (SwiGLU)")
+    if cfg.get("mlp_bias"):
+        _fail("config.json mlp_bias", True, "false (moelab FFNs have no bias)")
+    if "q_lora_rank" in cfg or "kv_lora_rank" in cfg:
+        _fail("config.json kv_lora_rank", cfg.get("kv_lora_rank"), "absent: MLA (DeepSeek-V2/V3) is not supported")
+    rs = cfg.get("rope_scaling")
+    if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
+        _fail("config.json rope_scaling", rs, "null (plain RoPE)")
+    d = cfg["hidden_size"]
+    nh = cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or d // nh
+    mc = ModelConfig(
+        vocab_size=cfg["vocab_size"],
+        d_model=d,
+        n_layers=cfg["num_hidden_layers"],
+        n_heads=nh,
+        n_kv_heads=cfg.get("num_key_value_heads") or nh,
+        head_dim=hd if hd != d // nh else 0,
+        d_ff=cfg["intermediate_size"],
+        max_seq_len=cfg.get("max_position_embeddings", 2048),
+        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+        qkv_bias=bool(cfg.get("attention_bias", False)) or mt in ("qwen2", "qwen2_moe"),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+    )
+    moe = MoEConfig()
+    if mt == "mixtral":
+        # Mixtral: softmax over the top-k logits == softmax over all then renormalise the top-k.
+        moe = MoEConfig(n_experts=cfg["num_local_experts"], top_k=cfg["num_experts_per_tok"],
+                        d_expert=cfg["intermediate_size"], renormalize=True,
+                        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02))
+    elif mt == "qwen2_moe":
+        dense = [i for i in range(mc.n_layers)
+                 if i in cfg.get("mlp_only_layers", []) or (i + 1) % cfg.get("decoder_sparse_step", 1) != 0]
+        shared = cfg.get("shared_expert_intermediate_size", 0)
+        moe = MoEConfig(n_experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+                        d_expert=cfg["moe_intermediate_size"], n_shared=1 if shared else 0, d_shared=shared,
+                        shared_gate=bool(shared), renormalize=bool(cfg.get("norm_topk_prob", False)),
+                        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001), dense_layers=tuple(dense))
+    elif mt == "olmoe":
+        mc.qk_norm = "full"
+        moe = MoEConfig(n_experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+                        d_expert=cfg["intermediate_size"], renormalize=bool(cfg.get("norm_topk_prob", False)),
+                        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01))
+    elif mt == "deepseek":
+        if cfg.get("scoring_func", "softmax") != "softmax":
+            _fail("config.json scoring_func", cfg.get("scoring_func"), "'softmax' (DeepSeek-MoE v1)")
+        if cfg.get("topk_method", "greedy") != "greedy":
+            _fail("config.json topk_method", cfg.get("topk_method"), "'greedy'")
+        first = cfg.get("first_k_dense_replace", 0)
+        freq = cfg.get("moe_layer_freq", 1)
+        dense = [i for i in range(mc.n_layers) if not (i >= first and i % freq == 0)]
+        moe = MoEConfig(n_experts=cfg["n_routed_experts"], top_k=cfg["num_experts_per_tok"],
+                        d_expert=cfg["moe_intermediate_size"], n_shared=cfg.get("n_shared_experts") or 0,
+                        d_shared=cfg["moe_intermediate_size"], renormalize=bool(cfg.get("norm_topk_prob", False)),
+                        aux_loss_coef=cfg.get("aux_loss_alpha", 0.001), dense_layers=tuple(dense))
+    mc.moe = moe
+    return mc.validate()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Data, optimiser, training
+
+
+@dataclass
+class DataConfig:
+    """Where tokens come from. See `moelab.trainers.data` for the sources."""
+
+    source: Literal["synthetic", "stdlib", "files", "memmap"] = "synthetic"
+    paths: tuple[str, ...] = ()  # files / memmap: local paths or globs
+    text_field: str = "text"  # JSONL / Parquet column holding the text
+    tokenizer: str = "byte"  # "byte" or a local directory holding an HF tokenizer.json
+    memmap_dtype: str = "uint16"  # dtype of raw .bin token files
+    eval_fraction: float = 0.05
+    max_bytes: int = 32_000_000  # cap on text read from stdlib/files
+    # synthetic: a mixture of random Markov "domains", one per document
+    n_domains: int = 4
+    n_symbols: int = 64
+    concentration: float = 0.1  # Dirichlet concentration of each transition row; lower = lower entropy
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with parameter groups and an LR schedule."""
+
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 = no clipping
+    expert_lr_fraction: float = 1.0  # routed experts train at this fraction of lr
+    schedule: Literal["cosine", "wsd", "deepseek", "constant"] = "cosine"
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: share of steps spent decaying
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 200
+    max_tokens: int = 0  # > 0: the budget in tokens, overrides steps
+    batch_size: int = 16  # sequences per optimiser step (summed over micro-batches)
+    micro_batch_size: int = 0  # 0 = batch_size
+    seq_len: int = 64
+    seed: int = 0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 4
+    ckpt_every: int = 100  # 0 = only at the end
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
+    out_dir: str = ""  # "" = runs/<preset>-s<seed>
+
+    @property
+    def micro(self) -> int:
+        return self.micro_batch_size or self.batch_size
+
+
+@dataclass
+class RunConfig:
+    """Everything one training run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    preset: str = ""
+
+    def total_steps(self) -> int:
+        t = self.train
+        if t.max_tokens > 0:
+            return max(1, math.ceil(t.max_tokens / (t.batch_size * t.seq_len)))
+        return t.steps
+
+    def validate(self) -> "RunConfig":
+        self.model.validate()
+        t, o, d = self.train, self.optim, self.data
+        for name in ("batch_size", "seq_len", "log_every", "eval_batches"):
+            if getattr(t, name) <= 0:
+                _fail(f"train.{name}", getattr(t, name), "a positive integer")
+        if t.steps <= 0 and t.max_tokens <= 0:
+            _fail("train.steps", t.steps, "a positive integer (or set train.max_tokens)")
+        if t.micro_batch_size < 0 or t.batch_size % t.micro:
+            _fail("train.micro_batch_size", t.micro_batch_size, f"a divisor of train.batch_size={t.batch_size}")
+        if t.seq_len > self.model.max_seq_len:
+            _fail("train.seq_len", t.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
+            _fail("train.device", t.device, "'auto', 'cpu', 'cuda', 'cuda:N'")
+        if t.dtype not in ("auto", "float32", "bfloat16"):
+            _fail("train.dtype", t.dtype, "'auto', 'float32', 'bfloat16'")
+        if o.schedule not in ("cosine", "wsd", "deepseek", "constant"):
+            _fail("optim.schedule", o.schedule, "'cosine', 'wsd', 'deepseek', 'constant'")
+        if o.lr <= 0:
+            _fail("optim.lr", o.lr, "a positive number")
+        if not 0 < o.expert_lr_fraction <= 10:
+            _fail("optim.expert_lr_fraction", o.expert_lr_fraction, "a number in (0, 10]")
+        if not 0 <= o.min_lr_ratio <= 1:
+            _fail("optim.min_lr_ratio", o.min_lr_ratio, "a number in [0, 1]")
+        if not 0 <= o.decay_fraction <= 1:
+            _fail("optim.decay_fraction", o.decay_fraction, "a number in [0, 1]")
+        if o.warmup_steps < 0:
+            _fail("optim.warmup_steps", o.warmup_steps, ">= 0")
+        if d.source not in ("synthetic", "stdlib", "files", "memmap"):
+            _fail("data.source", d.source, "'synthetic', 'stdlib', 'files', 'memmap'")
+        if d.source in ("files", "memmap") and not d.paths:
+            _fail("data.paths", d.paths, f"one or more local paths (data.source={d.source!r} needs them)")
+        if not 0 < d.eval_fraction < 1:
+            _fail("data.eval_fraction", d.eval_fraction, "a number in (0, 1)")
+        if d.source == "synthetic" and d.n_symbols > self.model.vocab_size:
+            _fail("data.n_symbols", d.n_symbols, f"<= model.vocab_size={self.model.vocab_size}")
+        return self
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Strict dict -> dataclass
+
+
+def _coerce(value: Any, tp: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if dataclasses.is_dataclass(value):
+            return value
+        if not isinstance(value, dict):
+            _fail(path, value, f"a mapping of {tp.__name__} fields")
+        return from_dict(tp, value, path)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            _fail(path, value, ", ".join(repr(a) for a in allowed))
+        return value
+    if origin in (tuple, list):
+        if isinstance(value, str):
+            value = [v for v in value.split(",") if v]
+        if not isinstance(value, (list, tuple)):
+            _fail(path, value, "a list")
+        (item_tp, *_) = typing.get_args(tp) or (Any,)
+        return tuple(_coerce(v, item_tp, f"{path}[{i}]") for i, v in enumerate(value))
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(value, a, path)
+            except ConfigError:
+                pass
+        _fail(path, value, " or ".join(getattr(a, "__name__", str(a)) for a in args))
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "1", "yes", "false", "0", "no"):
+            return value.lower() in ("true", "1", "yes")
+        _fail(path, value, "true or false")
+    if tp is int:
+        if isinstance(value, bool):
+            _fail(path, value, "an integer")
+        if isinstance(value, int):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        if isinstance(value, str):
+            try:
+                return int(float(value)) if float(value).is_integer() else _fail(path, value, "an integer")
+            except ValueError:
+                pass
+        _fail(path, value, "an integer")
+    if tp is float:
+        if isinstance(value, bool):
+            _fail(path, value, "a number")
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        _fail(path, value, "a number")
+    if tp is str:
+        if not isinstance(value, str):
+            _fail(path, value, "a string")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: dict, path: str = "") -> Any:
+    """Build dataclass `cls` from `data`, strictly: unknown keys and wrong types raise ConfigError."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    kwargs = {}
+    for key, value in data.items():
+        p = f"{path}.{key}" if path else key
+        if key not in fields:
+            _fail(p, key, "one of " + ", ".join(sorted(fields)))
+        kwargs[key] = _coerce(value, hints[key], p)
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A plain, JSON-able dict of a config (tuples become lists)."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        if isinstance(v, dict):
+            return {k: conv(x) for k, x in v.items()}
+        return v
+
+    return conv(dataclasses.asdict(cfg))
+
+
+def apply_overrides(cfg: Any, overrides: dict[str, Any], path: str = "") -> Any:
+    """Return a copy of dataclass `cfg` with dotted keys (`model.moe.top_k`) set, strictly typed."""
+    nested: dict[str, dict[str, Any]] = {}
+    direct: dict[str, Any] = {}
+    for key, value in overrides.items():
+        head, _, rest = key.partition(".")
+        (nested.setdefault(head, {}).__setitem__(rest, value)) if rest else direct.__setitem__(head, value)
+    hints = typing.get_type_hints(type(cfg))
+    names = {f.name for f in dataclasses.fields(cfg)}
+    changes = {}
+    for head in list(direct) + list(nested):
+        if head not in names:
+            p = f"{path}.{head}" if path else head
+            _fail(p, head, "one of " + ", ".join(sorted(names)))
+    for head, value in direct.items():
+        p = f"{path}.{head}" if path else head
+        changes[head] = _coerce(value, hints[head], p)
+    for head, sub in nested.items():
+        p = f"{path}.{head}" if path else head
+        child = changes.get(head, getattr(cfg, head))
+        if not dataclasses.is_dataclass(child):
+            _fail(p, sub, f"{p} is a value, not a section")
+        changes[head] = apply_overrides(child, sub, p)
+    return dataclasses.replace(cfg, **changes)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Presets
+
+
+def _dense(d_model: int, n_layers: int, *, head_dim: int = 64, kv_ratio: int = 1, ffn_mult: float = 8 / 3,
+           vocab: int = 257, seq: int = 2048, multiple: int = 64) -> ModelConfig:
+    """A dense decoder sized from width and depth: heads of `head_dim`, SwiGLU width ~ ffn_mult x d."""
+    n_heads = max(1, d_model // head_dim)
+    d_ff = multiple * math.ceil(ffn_mult * d_model / multiple)
+    return ModelConfig(vocab_size=vocab, d_model=d_model, n_layers=n_layers, n_heads=n_heads,
+                       n_kv_heads=max(1, n_heads // kv_ratio), d_ff=d_ff, max_seq_len=seq)
+
+
+def _moe(base: ModelConfig, **moe: Any) -> ModelConfig:
+    return dataclasses.replace(base, moe=MoEConfig(**moe))
+
+
+def _train(**kw: Any) -> TrainConfig:
+    return TrainConfig(**kw)
+
+
+def _ladder() -> dict[str, tuple[ModelConfig, TrainConfig]]:
+    """Dense ladder for scaling fits on CPU: depth n, width 32 n (aspect ratio kept), 16-wide heads."""
+    out = {}
+    for depth in (2, 3, 4, 6, 8):
+        m = _dense(32 * depth, depth, head_dim=16, ffn_mult=3, multiple=32, seq=256)
+        out[f"ladder-{depth}"] = (m, _train(seq_len=64, batch_size=16))
+    return out
+
+
+def _presets() -> dict[str, tuple[ModelConfig, TrainConfig]]:
+    tiny = _dense(64, 2, head_dim=16, kv_ratio=2, ffn_mult=3, multiple=32, seq=256)  # d_ff 192
+    small = _dense(256, 4, head_dim=64, ffn_mult=4, seq=1024)  # d_ff 1024
+    gpt = dict(vocab=50304, seq=4096)
+    p = {
+        "tiny": (tiny, _train(seq_len=64, batch_size=16)),
+        # Same active FFN width as tiny: 8 experts of d_ff/2, top-2.
+        "moe-tiny": (_moe(tiny, n_experts=8, top_k=2, granularity=2), _train(seq_len=64, batch_size=16)),
+        "small": (small, _train(seq_len=256, batch_size=16)),
+        "moe-small": (_moe(small, n_experts=16, top_k=2, granularity=2), _train(seq_len=256, batch_size=16)),
+        # OLMoE-1B-7B-like: 64 experts of 1024, top-8, no shared expert, QK-norm.
+        "moe-1b": (dataclasses.replace(_moe(_dense(2048, 16, **gpt), n_experts=64, top_k=8, d_expert=1024,
+                                            renormalize=False), qk_norm="full"),
+                   _train(seq_len=4096, batch_size=512, micro_batch_size=4, steps=100_000)),
+        "1b": (_dense(2048, 16, ffn_mult=4, **gpt), _train(seq_len=4096, batch_size=512, micro_batch_size=4)),
+        "3b": (_dense(3072, 28, ffn_mult=8 / 3, kv_ratio=3, **gpt),
+               _train(seq_len=4096, batch_size=512, micro_batch_size=2)),
+    }
+    p.update(_ladder())
+    return p
+
+
+PRESETS = _presets()
+
+
+def preset(name: str) -> RunConfig:
+    """A fresh RunConfig for preset `name` (see `moelab presets`)."""
+    if name not in PRESETS:
+        _fail("preset", name, ", ".join(PRESETS))
+    m, t = PRESETS[name]
+    m = dataclasses.replace(m, moe=dataclasses.replace(m.moe))
+    rc = RunConfig(model=m, train=dataclasses.replace(t), preset=name)
+    if m.vocab_size < 257:
+        rc.data.n_symbols = min(rc.data.n_symbols, m.vocab_size)
+    return rc
+
+
+def load_run_config(preset_name: str = "tiny", overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Preset + dotted overrides (`{"model.moe.top_k": 4}`), validated."""
+    rc = preset(preset_name)
+    if overrides:
+        rc = apply_overrides(rc, overrides)
+    return rc.validate()
