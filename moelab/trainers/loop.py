@@ -1,0 +1,290 @@
+"""One training run: train / eval steps, metrics, checkpoints and exact resume.
+
+Exact resume rests on two facts: the batch of step i depends only on (seed, i) (see `data.py`), and the
+checkpoint holds everything else that changes (weights, router biases, AdamW moments, the step). So the loss
+trajectory after `--resume` equals the uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from moelab.trainers.config import ConfigError, RunConfig, to_dict
+from moelab.trainers.data import TokenSource, build_source
+from moelab.trainers.hardware import peak_flops
+from moelab.trainers.model import Transformer, build_model
+from moelab.trainers.optim import build_optimizer, set_lr
+
+CHECKPOINT = "checkpoint.pt"
+
+
+class Diverged(RuntimeError):
+    """The loss became NaN or infinite."""
+
+    def __init__(self, step: int, loss: float):
+        super().__init__(f"training diverged at step {step}: loss is {loss}. Lower optim.lr, raise "
+                         f"optim.warmup_steps or set optim.grad_clip.")
+        self.step, self.loss = step, loss
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device: got {name!r}, but no CUDA device is visible; allowed here: 'cpu', 'auto'")
+    return dev
+
+
+def autocast_dtype(rc: RunConfig, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA by default, plain fp32 on CPU."""
+    if rc.train.dtype == "bfloat16" or (rc.train.dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def save_atomic(obj: Any, path: Path) -> None:
+    """torch.save to a temp file, then rename: a checkpoint is whole or absent, never half-written."""
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class StepStats:
+    """MoE statistics summed over the steps since the last log line."""
+
+    load: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: slots per expert [E]
+    dropped: float = 0.0
+    slots: float = 0.0
+    entropy: float = 0.0
+    n_entropy: int = 0
+
+
+class Trainer:
+    """Trains one model described by a RunConfig. `run()` returns the final summary dict.
+
+    `report(metrics, checkpoint_dir | None)` is called at every log step (the Ray worker hooks in here).
+    """
+
+    def __init__(self, rc: RunConfig, out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
+                 progress: bool | None = None, report: Callable[[dict, Path | None], None] | None = None):
+        self.rc = rc.validate()
+        self.out_dir = Path(out_dir)
+        self.metrics_path = Path(metrics_jsonl) if metrics_jsonl else self.out_dir / "metrics.jsonl"
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.report = report
+        self.device = resolve_device(rc.train.device)
+        self.amp_dtype = autocast_dtype(rc, self.device)
+        self.source: TokenSource = build_source(rc.data, rc.train.seed)
+        if self.source.vocab_size > rc.model.vocab_size:
+            raise ConfigError(f"model.vocab_size: got {rc.model.vocab_size}; allowed: >= {self.source.vocab_size}, "
+                              f"the vocabulary of data.source={rc.data.source!r}")
+        self.model: Transformer = build_model(rc.model, seed=rc.train.seed, device=self.device)
+        self.opt = build_optimizer(self.model, rc.optim)
+        self.total_steps = rc.total_steps()
+        self.step = 0
+        self.tokens_per_step = rc.train.batch_size * rc.train.seq_len
+        self.flops_per_token = rc.model.flops_per_token(rc.train.seq_len)
+        self.wall_offset = 0.0  # wall seconds of earlier attempts (resume)
+
+    # -- checkpoints ------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> Path:
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        path = self.out_dir / CHECKPOINT
+        save_atomic({"model": self.model.state_dict(), "optim": self.opt.state_dict(), "step": self.step,
+                     "wall_s": self.wall_s(), "config": to_dict(self.rc)}, path)
+        return path
+
+    def load_checkpoint(self, path: str | Path) -> None:
+        path = Path(path)
+        if path.is_dir():
+            path = path / CHECKPOINT
+        if not path.exists():
+            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+        state = torch.load(path, map_location=self.device, weights_only=False)
+        self.model.load_state_dict(state["model"])
+        self.opt.load_state_dict(state["optim"])
+        self.step = state["step"]
+        self.wall_offset = state.get("wall_s", 0.0)
+        self._truncate_metrics(self.step)
+
+    def _truncate_metrics(self, step: int) -> None:
+        """Drop logged rows past the checkpoint: they are recomputed, identically, after resuming."""
+        if not self.metrics_path.exists():
+            return
+        keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        tmp = self.metrics_path.with_suffix(".tmp")
+        tmp.write_text("".join(l + "\n" for l in keep))
+        os.replace(tmp, self.metrics_path)
+
+    # -- steps --------------------------------------------------------------------------------------------------
+    def _autocast(self):
+        if self.amp_dtype is None:
+            return torch.autocast(self.device.type, enabled=False)
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def _loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
+        """tokens: [B, S+1] -> (objective, cross-entropy, moe losses)."""
+        inp, tgt = tokens[:, :-1], tokens[:, 1:]
+        with self._autocast():
+            logits = self.model(inp)
+        ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
+        moe = self.model.moe_losses()
+        m = self.rc.model.moe
+        return ce + m.aux_loss_coef * moe["aux_loss"] + m.z_loss_coef * moe["z_loss"], ce, moe
+
+    def train_step(self, stats: StepStats) -> dict[str, float]:
+        """One optimiser step over `batch_size` sequences in micro-batches. Returns scalar metrics."""
+        t = self.rc.train
+        lr = set_lr(self.opt, self.step, self.total_steps, self.rc.optim)
+        batch = self.source.batch("train", self.step, t.batch_size, t.seq_len).tokens.to(self.device)
+        n_micro = t.batch_size // t.micro
+        ce_sum = aux_sum = z_sum = 0.0
+        for mb in batch.split(t.micro):
+            obj, ce, moe = self._loss(mb)
+            (obj / n_micro).backward()
+            ce_sum += ce.detach()
+            aux_sum += moe["aux_loss"].detach()
+            z_sum += moe["z_loss"].detach()
+            self._collect(stats)
+        loss = float(ce_sum) / n_micro
+        if not math.isfinite(loss):
+            raise Diverged(self.step, loss)
+        clip = self.rc.optim.grad_clip if self.rc.optim.grad_clip > 0 else float("inf")
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        for _, m in self.model.moe_layers():
+            m.update_bias()
+        self.step += 1
+        return {"loss": loss, "aux_loss": float(aux_sum) / n_micro, "z_loss": float(z_sum) / n_micro,
+                "lr": lr, "grad_norm": grad_norm}
+
+    def _collect(self, stats: StepStats) -> None:
+        layers = self.model.moe_layers()
+        if not stats.load:
+            stats.load = [torch.zeros_like(m.stats["load"]) for _, m in layers]
+        for acc, (_, m) in zip(stats.load, layers):
+            acc += m.stats["load"]
+            stats.dropped += float(m.stats["dropped"])
+            stats.slots += float(m.stats["slots"])
+            stats.entropy += float(m.stats["router_entropy"])
+            stats.n_entropy += 1
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        t = self.rc.train
+        losses = []
+        for i in range(t.eval_batches):
+            tokens = self.source.batch("eval", i, t.micro, t.seq_len).tokens.to(self.device)
+            losses.append(float(self._loss(tokens)[1]))
+        for _, m in self.model.moe_layers():
+            m.load_accum.zero_()  # eval routing must not move the aux-loss-free biases
+        return sum(losses) / len(losses)
+
+    def wall_s(self) -> float:
+        return self.wall_offset + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0)
+
+    @staticmethod
+    def moe_metrics(stats: StepStats) -> dict[str, Any]:
+        """Expert load per layer (fractions), imbalance (max/mean, averaged over layers), drop fraction."""
+        if not stats.load:
+            return {}
+        fracs = [(l / l.sum().clamp_min(1)).tolist() for l in stats.load]
+        imb = [float(l.max() / l.mean().clamp_min(1e-9)) for l in stats.load]
+        return {"imbalance": sum(imb) / len(imb), "drop_frac": stats.dropped / max(stats.slots, 1.0),
+                "router_entropy": stats.entropy / max(stats.n_entropy, 1), "expert_load": fracs}
+
+    # -- the run ------------------------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        t = self.rc.train
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.rc), indent=2))
+        peak = peak_flops(self.device)
+        self._t0 = time.perf_counter()
+        window_t, window_tokens = time.perf_counter(), 0
+        stats = StepStats()
+        bar = None
+        if self.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
+        last: dict[str, Any] = {}
+        with open(self.metrics_path, "a") as mf:
+            while self.step < self.total_steps:
+                row = self.train_step(stats)
+                window_tokens += self.tokens_per_step
+                s = self.step
+                if bar:
+                    bar.update(1)
+                    bar.set_postfix(loss=f"{row['loss']:.4f}")
+                done = s == self.total_steps
+                if s % t.log_every == 0 or done:
+                    now = time.perf_counter()
+                    tps = window_tokens / max(now - window_t, 1e-9)
+                    row.update(step=s, tokens=s * self.tokens_per_step,
+                               flops=s * self.tokens_per_step * self.flops_per_token, wall_s=self.wall_s(),
+                               tokens_per_s=tps, mfu=tps * self.flops_per_token / peak)
+                    row.update(self.moe_metrics(stats))
+                    if (t.eval_every and s % t.eval_every == 0) or done:
+                        row["eval_loss"] = self.evaluate()
+                    mf.write(json.dumps(row) + "\n")
+                    mf.flush()
+                    if not self.progress:
+                        print(self._line(row), flush=True)
+                    ckpt = None
+                    if (t.ckpt_every and s % t.ckpt_every == 0) or done:
+                        ckpt = self.save_checkpoint()
+                    if self.report:
+                        self.report(row, ckpt)
+                    last = row
+                    stats = StepStats()
+                    window_t, window_tokens = time.perf_counter(), 0
+                elif t.ckpt_every and s % t.ckpt_every == 0:
+                    self.save_checkpoint()
+        if bar:
+            bar.close()
+        summary = self.summary(last)
+        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        return summary
+
+    def summary(self, last: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in last.items() if k != "expert_load"}
+        out.update(status="finished", steps=self.step, params=self.rc.model.param_counts(),
+                   flops_per_token=self.flops_per_token, metrics=str(self.metrics_path),
+                   checkpoint=str(self.out_dir / CHECKPOINT), data=self.source.describe())
+        floor = getattr(self.source, "bayes_loss", None)
+        if floor is not None:
+            out["bayes_loss"] = floor(self.rc.train.seq_len)
+        return out
+
+    @staticmethod
+    def _line(row: dict[str, Any]) -> str:
+        parts = [f"step {row['step']}", f"loss {row['loss']:.4f}"]
+        if "eval_loss" in row:
+            parts.append(f"eval {row['eval_loss']:.4f}")
+        parts += [f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:.0f} tok/s", f"mfu {row['mfu']:.1%}"]
+        if "imbalance" in row:
+            parts.append(f"imb {row['imbalance']:.2f}")
+        return " | ".join(parts)
+
+
+def train(rc: RunConfig, out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
+          resume: str | Path | None = None, progress: bool | None = None) -> dict[str, Any]:
+    """Train one run; `resume` is a checkpoint file or run directory to continue from."""
+    tr = Trainer(rc, out_dir, metrics_jsonl=metrics_jsonl, progress=progress)
+    if resume:
+        tr.load_checkpoint(resume)
+    return tr.run()

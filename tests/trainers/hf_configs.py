@@ -1,0 +1,48 @@
+"""Hugging Face config.json dicts of published models (public facts), for import and accounting tests."""
+
+LLAMA2_7B = dict(model_type="llama", hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                 num_attention_heads=32, num_key_value_heads=32, vocab_size=32000, rms_norm_eps=1e-5,
+                 max_position_embeddings=4096, tie_word_embeddings=False, hidden_act="silu")
+MISTRAL_7B = dict(model_type="mistral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                  num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, rope_theta=10000.0,
+                  sliding_window=4096, tie_word_embeddings=False, hidden_act="silu")
+QWEN2_05B = dict(model_type="qwen2", hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                 num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, rope_theta=1e6,
+                 tie_word_embeddings=True, hidden_act="silu")
+MIXTRAL_8X7B = dict(model_type="mixtral", hidden_size=4096, intermediate_size=14336, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=8, vocab_size=32000, num_local_experts=8,
+                    num_experts_per_tok=2, rope_theta=1e6, tie_word_embeddings=False, hidden_act="silu")
+QWEN15_MOE_A27B = dict(model_type="qwen2_moe", hidden_size=2048, intermediate_size=5632,
+                       moe_intermediate_size=1408, shared_expert_intermediate_size=5632, num_hidden_layers=24,
+                       num_attention_heads=16, num_key_value_heads=16, vocab_size=151936, num_experts=60,
+                       num_experts_per_tok=4, decoder_sparse_step=1, norm_topk_prob=False, mlp_only_layers=[],
+                       tie_word_embeddings=False, hidden_act="silu")
+OLMOE_1B_7B = dict(model_type="olmoe", hidden_size=2048, intermediate_size=1024, num_hidden_layers=16,
+                   num_attention_heads=16, num_key_value_heads=16, vocab_size=50304, num_experts=64,
+                   num_experts_per_tok=8, norm_topk_prob=False, tie_word_embeddings=False, hidden_act="silu")
+DEEPSEEK_MOE_16B = dict(model_type="deepseek", hidden_size=2048, intermediate_size=10944,
+                        moe_intermediate_size=1408, num_hidden_layers=28, num_attention_heads=16,
+                        num_key_value_heads=16, vocab_size=102400, n_routed_experts=64, n_shared_experts=2,
+                        num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
+                        scoring_func="softmax", tie_word_embeddings=False, hidden_act="silu")
+
+ALL = {"llama": LLAMA2_7B, "mistral": MISTRAL_7B, "qwen2": QWEN2_05B, "mixtral": MIXTRAL_8X7B,
+       "qwen2_moe": QWEN15_MOE_A27B, "olmoe": OLMOE_1B_7B, "deepseek": DEEPSEEK_MOE_16B}
+
+
+def shrink(cfg: dict) -> dict:
+    """The same architecture at a size that builds in milliseconds (structure kept, widths divided)."""
+    small = dict(cfg)
+    heads = 4
+    kv = max(1, heads * cfg.get("num_key_value_heads", cfg["num_attention_heads"]) // cfg["num_attention_heads"])
+    small.update(hidden_size=32, num_attention_heads=heads, num_key_value_heads=kv, vocab_size=97,
+                 num_hidden_layers=3, intermediate_size=48)
+    for key in ("moe_intermediate_size", "shared_expert_intermediate_size"):
+        if key in small:
+            small[key] = 16 if key == "moe_intermediate_size" else 24
+    for key in ("num_local_experts", "num_experts", "n_routed_experts"):
+        if key in small:
+            small[key] = 6
+    if "num_experts_per_tok" in small:
+        small["num_experts_per_tok"] = 2
+    return small
