@@ -30,22 +30,43 @@ def route_slots(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, t
     return order, order // k, counts
 
 
+def slot_positions(order: torch.Tensor, n_slots: int) -> torch.Tensor:
+    """Inverse of `order`: for each flat slot, its row in the sorted list; dropped slots point one past the
+    end (a zero row appended by the caller). order: [S'] -> [T*k]."""
+    pos = torch.full((n_slots,), order.numel(), dtype=torch.long, device=order.device)
+    pos[order] = torch.arange(order.numel(), device=order.device)
+    return pos
+
+
+def _combine(rows: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
+    """Sum sorted per-slot rows back per token: a gather then a sum over k, no scatter-add.
+    rows: [S', d] in sorted order, pos: [T*k] -> [T, d]."""
+    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+    return padded.index_select(0, pos).view(T, -1, rows.shape[1]).sum(1)
+
+
 def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int]):
     """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], y [S, d])."""
     S, d = xs.shape
     de = w_down.shape[2]
     h = xs.new_empty(S, 2 * de)
+    for e, rows in _blocks(counts):
+        torch.mm(xs[rows], w_gate_up[e].t(), out=h[rows])
+    # One elementwise pass over all experts at once (large, well-threaded), not one per expert.
+    a = F.silu(h[:, :de]) * h[:, de:]
     y = xs.new_empty(S, d)
+    for e, rows in _blocks(counts):
+        torch.mm(a[rows], w_down[e].t(), out=y[rows])
+    return h, y
+
+
+def _blocks(counts: list[int]):
+    """(expert, row slice) for every expert that received slots."""
     start = 0
     for e, n in enumerate(counts):
-        if n == 0:
-            continue
-        rows = slice(start, start + n)
-        torch.mm(xs[rows], w_gate_up[e].t(), out=h[rows])
-        a = F.silu(h[rows, :de]) * h[rows, de:]
-        torch.mm(a, w_down[e].t(), out=y[rows])
+        if n:
+            yield e, slice(start, start + n)
         start += n
-    return h, y
 
 
 class _MoEExperts(torch.autograd.Function):
@@ -55,12 +76,12 @@ class _MoEExperts(torch.autograd.Function):
         E = w_gate_up.shape[0]
         order, token, counts_t = route_slots(topk_idx, E)
         counts = counts_t.tolist()
+        pos = slot_positions(order, topk_idx.numel())
         xs = x.index_select(0, token)
         h, y = _swiglu_experts(xs, w_gate_up, w_down, counts)
         w_slot = topk_weight.reshape(-1).index_select(0, order).to(y.dtype)
-        out = torch.zeros_like(x)
-        out.index_add_(0, token, y * w_slot[:, None])
-        ctx.save_for_backward(x, w_gate_up, w_down, order, token, h, y, w_slot)
+        out = _combine(y * w_slot[:, None], pos, T)
+        ctx.save_for_backward(x, w_gate_up, w_down, order, token, pos, h, y, w_slot)
         ctx.counts = counts
         ctx.topk_shape = topk_weight.shape
         ctx.topk_dtype = topk_weight.dtype
@@ -68,38 +89,33 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_gate_up, w_down, order, token, h, y, w_slot = ctx.saved_tensors
-        de = w_down.shape[2]
-        dys = dout.index_select(0, token)  # [S, d] grad of each slot's weighted output
-        # d out / d w_slot = y (per slot)
-        d_wslot = (dys * y).sum(1)
+        x, w_gate_up, w_down, order, token, pos, h, y, w_slot = ctx.saved_tensors
+        T, de = x.shape[0], w_down.shape[2]
+        dys = dout.index_select(0, token)  # [S, d]: grad of each slot's weighted output
+        d_wslot = (dys * y).sum(1)  # d out / d w_slot = y
         d_topk = torch.zeros(ctx.topk_shape.numel(), dtype=ctx.topk_dtype, device=dout.device)
         d_topk.index_copy_(0, order, d_wslot.to(ctx.topk_dtype))
-        dys.mul_(w_slot[:, None])  # now grad of the unweighted expert output y
+        dys.mul_(w_slot[:, None])  # now the grad of the unweighted expert output y
+        blocks = list(_blocks(ctx.counts))
+        da = torch.empty_like(h[:, :de])
+        for e, rows in blocks:
+            torch.mm(dys[rows], w_down[e], out=da[rows])
+        # SwiGLU backward over all slots at once: a = silu(g) * u.
+        g, u = h[:, :de], h[:, de:]
+        silu_g = F.silu(g)
+        a = silu_g * u
+        dh = torch.empty_like(h)
+        torch.mul(da, silu_g, out=dh[:, de:])
+        dh[:, :de] = torch.ops.aten.silu_backward(da.mul_(u), g)
         xs = x.index_select(0, token)
         dxs = torch.empty_like(xs)
         dw_gu = torch.zeros_like(w_gate_up)
         dw_down = torch.zeros_like(w_down)
-        start = 0
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                continue
-            rows = slice(start, start + n)
-            g, u = h[rows, :de], h[rows, de:]
-            sg = torch.sigmoid(g)
-            silu_g = g * sg
-            a = silu_g * u
-            torch.mm(dys[rows].t(), a, out=dw_down[e])
-            da = dys[rows] @ w_down[e]  # [n, de]
-            dh = torch.empty_like(h[rows])
-            torch.mul(da, silu_g, out=dh[:, de:])  # d/du
-            # d silu(g)/dg = sg * (1 + g * (1 - sg))
-            torch.mul(da * u, sg * (1 + g * (1 - sg)), out=dh[:, :de])
-            torch.mm(dh.t(), xs[rows], out=dw_gu[e])
-            torch.mm(dh, w_gate_up[e], out=dxs[rows])
-            start += n
-        dx = torch.zeros_like(x)
-        dx.index_add_(0, token, dxs)
+        for e, rows in blocks:
+            torch.mm(dys[rows].t(), a[rows], out=dw_down[e])
+            torch.mm(dh[rows].t(), xs[rows], out=dw_gu[e])
+            torch.mm(dh[rows], w_gate_up[e], out=dxs[rows])
+        dx = _combine(dxs, pos, T)
         return dx, dw_gu, dw_down, None, d_topk.view(ctx.topk_shape)
 
 

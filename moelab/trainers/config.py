@@ -289,7 +289,7 @@ class DataConfig:
     max_bytes: int = 32_000_000  # cap on text read from stdlib/files
     # synthetic: a mixture of random Markov "domains", one per document
     n_domains: int = 4
-    n_symbols: int = 64
+    n_symbols: int = 16
     concentration: float = 0.1  # Dirichlet concentration of each transition row; lower = lower entropy
 
 

@@ -26,6 +26,8 @@ from moelab.trainers.model import Transformer, build_model
 from moelab.trainers.optim import build_optimizer, set_lr
 
 CHECKPOINT = "checkpoint.pt"
+# Test hook: `MOELAB_FAULT_NAN_AT_STEP=N` makes step N's loss NaN, to exercise the divergence path end to end.
+FAULT_NAN_ENV = "MOELAB_FAULT_NAN_AT_STEP"
 
 
 class Diverged(RuntimeError):
@@ -159,6 +161,8 @@ class Trainer:
             z_sum += moe["z_loss"].detach()
             self._collect(stats)
         loss = float(ce_sum) / n_micro
+        if os.environ.get(FAULT_NAN_ENV) == str(self.step):  # test hook: behave as if the loss blew up
+            loss = float("nan")
         if not math.isfinite(loss):
             raise Diverged(self.step, loss)
         clip = self.rc.optim.grad_clip if self.rc.optim.grad_clip > 0 else float("inf")
