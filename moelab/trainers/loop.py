@@ -77,10 +77,13 @@ class Trainer:
     """Trains one model described by a RunConfig. `run()` returns the final summary dict.
 
     `report(metrics, checkpoint_dir | None)` is called at every log step (the Ray worker hooks in here).
+    `model`: start from these weights (e.g. an upcycled MoE) instead of a fresh initialisation; its
+    architecture must be `rc.model`.
     """
 
     def __init__(self, rc: RunConfig, out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
-                 progress: bool | None = None, report: Callable[[dict, Path | None], None] | None = None):
+                 progress: bool | None = None, report: Callable[[dict, Path | None], None] | None = None,
+                 model: Transformer | None = None):
         self.rc = rc.validate()
         self.out_dir = Path(out_dir)
         self.metrics_path = Path(metrics_jsonl) if metrics_jsonl else self.out_dir / "metrics.jsonl"
@@ -92,7 +95,10 @@ class Trainer:
         if self.source.vocab_size > rc.model.vocab_size:
             raise ConfigError(f"model.vocab_size: got {rc.model.vocab_size}; allowed: >= {self.source.vocab_size}, "
                               f"the vocabulary of data.source={rc.data.source!r}")
-        self.model: Transformer = build_model(rc.model, seed=rc.train.seed, device=self.device)
+        if model is not None and model.cfg != rc.model:
+            raise ConfigError("Trainer(model=...): the model's config differs from rc.model")
+        self.model: Transformer = (model.to(self.device) if model is not None
+                                   else build_model(rc.model, seed=rc.train.seed, device=self.device))
         self.opt = build_optimizer(self.model, rc.optim)
         self.total_steps = rc.total_steps()
         self.step = 0
@@ -286,9 +292,11 @@ class Trainer:
 
 
 def train(rc: RunConfig, out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
-          resume: str | Path | None = None, progress: bool | None = None) -> dict[str, Any]:
-    """Train one run; `resume` is a checkpoint file or run directory to continue from."""
-    tr = Trainer(rc, out_dir, metrics_jsonl=metrics_jsonl, progress=progress)
+          resume: str | Path | None = None, progress: bool | None = None,
+          model: Transformer | None = None) -> dict[str, Any]:
+    """Train one run; `resume` is a checkpoint file or run directory to continue from; `model` optional
+    starting weights (see Trainer)."""
+    tr = Trainer(rc, out_dir, metrics_jsonl=metrics_jsonl, progress=progress, model=model)
     if resume:
         tr.load_checkpoint(resume)
     return tr.run()
