@@ -8,7 +8,7 @@ TORCH_CPU := torch==2.13.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 EXTRAS ?= dev,hf
 
-.PHONY: install test demo bench bench-gpu clean
+.PHONY: install test demo bench bench-gpu compile-check clean
 
 install: $(VENV)/.installed
 
@@ -32,6 +32,14 @@ demo: install
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/moe_experts_cpu.py
 	OMP_NUM_THREADS=2 $(BIN)/python bench/train_cpu.py
+
+# The Triton kernel benchmark needs a CUDA GPU (exits 2 with a message elsewhere).
+bench-gpu: install
+	$(BIN)/python -m moelab.kernels.bench --markdown
+
+# Compile the Triton kernels for sm_90 offline (no GPU needed): catches register spills and compile errors.
+compile-check: install
+	$(BIN)/python -m moelab.kernels.bench --compile-check 90
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

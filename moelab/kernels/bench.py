@@ -10,6 +10,10 @@ GPU only (on a machine without CUDA it prints why and exits with status 2). Per 
 with forward and forward+backward time (CUDA events, warmup, median), TFLOP/s and the fraction of the dense
 GEMM's rate measured in the same run. FLOPs: 6 d d_e per routed slot forward (gate/up 4 d d_e, down
 2 d d_e), three times that for forward+backward. "fwd" is a training forward (grad enabled, state saved).
+Routing is uniform random top-k (distinct experts per token), so expert loads are near-balanced.
+
+`--compile-check SM` needs no GPU: it compiles every Triton kernel config for sm_SM with Triton's bundled
+ptxas and reports shared memory, registers and spills.
 """
 
 from __future__ import annotations
@@ -234,7 +238,6 @@ def compile_check(arch: int, shape: Shape) -> list[dict]:
     import tempfile
 
     import triton
-    import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
@@ -398,7 +401,8 @@ def goal_lines(shape: Shape, rows: list[dict]) -> list[str]:
                    f"{'met' if ok else 'not met'}")
     if "grouped_mm" in by:
         ratio = by["grouped_mm"]["fwdbwd_ms"] / t["fwdbwd_ms"]
-        out.append(f"- triton vs grouped_mm peer, fwd+bwd: {ratio:.2f}x (goal >= 1x): {'met' if ratio >= 1 else 'not met'}")
+        out.append(f"- triton vs grouped_mm peer, fwd+bwd: {ratio:.2f}x (goal >= 1x): "
+                   f"{'met' if ratio >= 1 else 'not met'}")
     if "loop" in by:
         ratio = by["loop"]["fwdbwd_ms"] / t["fwdbwd_ms"]
         out.append(f"- triton vs per-expert loop, fwd+bwd: {ratio:.1f}x (goal >= {GOAL_LOOP_SPEEDUP:.0f}x): "
@@ -406,6 +410,19 @@ def goal_lines(shape: Shape, rows: list[dict]) -> list[str]:
     if shape.name != "olmoe":
         out = [line.replace(": met", "").replace(": not met", "") for line in out]  # goals are for OLMoE only
     return out
+
+
+def tuned_configs() -> str:
+    """The configs the autotuner picked so far (per kernel and tuning key), for the record."""
+    tm = sys.modules.get("moelab.kernels.triton_moe")
+    if tm is None:
+        return ""
+    parts = []
+    for name, fn in tm._TUNED.items():
+        for key, cfg in getattr(fn, "cache", {}).items():
+            dims = ",".join(str(v) for v in key if isinstance(v, int))
+            parts.append(f"{name}[{dims}]: {cfg}")
+    return "; ".join(parts)
 
 
 def environment_line(device: torch.device) -> str:
@@ -467,6 +484,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
             shape = Shape(shape.name, shape.d, shape.de, shape.E, shape.k, args.tokens, shape.dtype)
         rows = bench_shape(shape, impls, device, args.warmup, args.iters)
         print(format_table(shape, rows, args.markdown), flush=True)
+        tuned = tuned_configs()
+        if tuned:
+            print(("- " if args.markdown else "") + "triton autotuned configs: " + tuned + "\n", flush=True)
         all_rows += rows
     return all_rows
 

@@ -42,7 +42,8 @@ def _combine(rows: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
     """Sum sorted per-slot rows back per token: a gather then a sum over k, no scatter-add.
     rows: [S', d] in sorted order, pos: [T*k] -> [T, d]."""
     padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
-    return padded.index_select(0, pos).view(T, -1, rows.shape[1]).sum(1)
+    k = pos.numel() // T if T else 1
+    return padded.index_select(0, pos).view(T, k, rows.shape[1]).sum(1)
 
 
 def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int]):

@@ -15,7 +15,7 @@ Design (after the ScatterMoE and vLLM `moe_align_block_size` descriptions in ../
   two fp32 accumulators and applies SwiGLU in the epilogue; it writes `a = silu(g) * u` [S, d_e] and, when a
   backward will run, the pre-activations `h = [g, u]` [S, 2 d_e] (slot-indexed rows, like the reference's
   saved `h`). Memory trade: keeping h costs S*2*d_e elements per layer until backward (the reference keeps
-  the same h plus y [S, d]); recomputing it would cost another gate/up GEMM (+1/9 of fwd+bwd FLOPs).
+  the same h plus y [S, d]); recomputing it would cost another gate/up GEMM (+2/9 of fwd+bwd FLOPs).
   `a` is also kept, so the backward never re-derives the forward's rounded activations.
   `_grouped_gemm_kernel` then runs the down projection per block, scales each row by its routing weight and
   either stores the weighted per-slot output y [S, d] (combine="gather", default: deterministic; the top-k
@@ -28,6 +28,10 @@ Design (after the ScatterMoE and vLLM `moe_align_block_size` descriptions in ../
   dW_gate_up = dh^T x). dx reuses `_grouped_gemm_kernel` (dh @ W_gate_up[e]) and the same combine.
 * fp32 accumulation everywhere; bf16 or fp32 inputs (x, w_gate_up, w_down of one dtype). fp32 dots use
   TF32 only when `torch.backends.cuda.matmul.allow_tf32` is set, as torch.mm does.
+* GPU launch: BLOCK_M comes from the average slots per expert (`block_m_for`); the other tile sizes, warps
+  and stages are autotuned per shape from small config lists checked offline for register spills
+  (`python -m moelab.kernels.bench --compile-check 90`). Environment: MOELAB_TRITON_AUTOTUNE=0 uses fixed
+  configs; MOELAB_TRITON_COMBINE=gather|atomic picks the default combine.
 
 Interpreter (TRITON_INTERPRET=1, CPU): Triton reads the variable when a kernel is *decorated*, i.e. when this
 module is imported, so it must be set before the import (`INTERPRETED` records what happened). The interpreter
@@ -46,8 +50,6 @@ from dataclasses import dataclass
 import torch
 import triton
 import triton.language as tl
-
-from moelab.kernels import reference
 
 # ----------------------------------------------------------------------------------------------------------
 # Kernels
@@ -556,6 +558,12 @@ class _TritonMoE(torch.autograd.Function):
         k = topk_idx.shape[1]
         S = T * k
         dev = x.device
+        ctx.tw_shape, ctx.tw_dtype = topk_weight.shape, topk_weight.dtype
+        if S == 0:  # empty batch (or k = 0): nothing to launch; zeros out, zero grads
+            ctx.empty = True
+            ctx.save_for_backward(x, w_gate_up, w_down)
+            return x.new_zeros(T, d)
+        ctx.empty = False
         cfg = _config(S, E)
         dot_t, prec = _dot_types(x.dtype)
         meta = routing_metadata(topk_idx, E, cfg.block_m)
@@ -579,12 +587,15 @@ class _TritonMoE(torch.autograd.Function):
             ctx.meta_static = (meta.n_blocks, meta.block_m)
             ctx.cfg = cfg
             ctx.combine = combine
-            ctx.tw_shape, ctx.tw_dtype = topk_weight.shape, topk_weight.dtype
         return out
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, dout):
+        if ctx.empty:
+            x, w_gate_up, w_down = ctx.saved_tensors
+            return (torch.zeros_like(x), torch.zeros_like(w_gate_up), torch.zeros_like(w_down), None,
+                    torch.zeros(ctx.tw_shape, dtype=ctx.tw_dtype, device=x.device), None, None)
         x, w_gate_up, w_down, idx_flat, w_flat, h, a, order, offsets, padded_slots, block_expert = ctx.saved_tensors
         meta = RoutingMeta(order, offsets, padded_slots, block_expert, *ctx.meta_static)
         cfg = ctx.cfg
@@ -674,9 +685,6 @@ def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
                         f"{w_gate_up.dtype}, {w_down.dtype}")
     if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"moe_experts backend 'triton': dtype {x.dtype} unsupported (float32, bfloat16, float16)")
-    if x.shape[0] == 0 or topk_idx.shape[1] == 0:
-        # Nothing routed (empty batch): no kernel to launch; the reference gives the zeros and zero grads.
-        return reference.moe_experts(x, w_gate_up, w_down, topk_idx, topk_weight)
     # Keep h for the backward only when one will run (inside Function.forward grad mode is always off).
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, topk_weight))
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()

@@ -217,9 +217,13 @@ def _from_hf(cfg: dict) -> ModelConfig:
         _fail("config.json mlp_bias", True, "false (moelab FFNs have no bias)")
     if "q_lora_rank" in cfg or "kv_lora_rank" in cfg:
         _fail("config.json kv_lora_rank", cfg.get("kv_lora_rank"), "absent: MLA (DeepSeek-V2/V3) is not supported")
-    rs = cfg.get("rope_scaling")
-    if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
-        _fail("config.json rope_scaling", rs, "null (plain RoPE)")
+    # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
+    rp = cfg.get("rope_parameters") or {}
+    for key, rs in (("rope_scaling", cfg.get("rope_scaling")), ("rope_parameters", rp)):
+        if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
+            _fail(f"config.json {key}", rs, "plain RoPE (rope_type 'default')")
+    if cfg.get("clip_qkv"):
+        _fail("config.json clip_qkv", cfg["clip_qkv"], "null (QKV clipping is not supported)")
     d = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
     hd = cfg.get("head_dim") or d // nh
@@ -232,7 +236,7 @@ def _from_hf(cfg: dict) -> ModelConfig:
         head_dim=hd if hd != d // nh else 0,
         d_ff=cfg["intermediate_size"],
         max_seq_len=cfg.get("max_position_embeddings", 2048),
-        rope_theta=float(cfg.get("rope_theta", 10000.0)),
+        rope_theta=float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
         qkv_bias=bool(cfg.get("attention_bias", False)) or mt in ("qwen2", "qwen2_moe"),
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
@@ -332,6 +336,40 @@ class TrainConfig:
 
 
 @dataclass
+class UpcycleConfig:
+    """How an MoE is initialised from a dense model (`moelab.trainers.upcycle`); the MoE's shape (n_experts,
+    top_k, granularity, shared experts) is `model.moe`. Formulas and sources: refs.md "Upcycling"."""
+
+    source: str = ""  # "" = train from scratch; else a moelab run dir / checkpoint.pt or a local HF directory
+    router_init: Literal["random", "virtual_group"] = "random"
+    router_std: float = 0.02
+    scaling: str | float = "none"  # "none", "nvidia", or a number: multiplier on each expert's output
+    noise_std: float = 0.0  # N(0, sigma^2) added to the copied expert weights
+    reset_ratio: float = 0.0  # Drop-Upcycling: share of each expert's intermediate units re-initialised
+    shuffle: bool = False  # permute each expert copy's intermediate units
+    shared_init: Literal["dense", "random"] = "dense"
+    seed: int = 0
+
+    def validate(self) -> "UpcycleConfig":
+        if self.router_init not in ("random", "virtual_group"):
+            _fail("upcycle.router_init", self.router_init, "'random', 'virtual_group'")
+        if self.shared_init not in ("dense", "random"):
+            _fail("upcycle.shared_init", self.shared_init, "'dense', 'random'")
+        if isinstance(self.scaling, str) and self.scaling not in ("none", "nvidia"):
+            try:
+                self.scaling = float(self.scaling)
+            except ValueError:
+                _fail("upcycle.scaling", self.scaling, "'none', 'nvidia' or a positive number")
+        if not isinstance(self.scaling, str) and not self.scaling > 0:
+            _fail("upcycle.scaling", self.scaling, "'none', 'nvidia' or a positive number")
+        if not 0 <= self.reset_ratio <= 1:
+            _fail("upcycle.reset_ratio", self.reset_ratio, "a number in [0, 1]")
+        if self.noise_std < 0 or self.router_std < 0:
+            _fail("upcycle.noise_std/router_std", (self.noise_std, self.router_std), ">= 0")
+        return self
+
+
+@dataclass
 class RunConfig:
     """Everything one training run needs."""
 
@@ -339,6 +377,7 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    upcycle: UpcycleConfig = field(default_factory=UpcycleConfig)
     preset: str = ""
 
     def total_steps(self) -> int:
@@ -349,6 +388,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.model.validate()
+        self.upcycle.validate()
         t, o, d = self.train, self.optim, self.data
         for name in ("batch_size", "seq_len", "log_every", "eval_batches"):
             if getattr(t, name) <= 0:

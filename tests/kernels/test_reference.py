@@ -74,3 +74,11 @@ def test_unknown_backend_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("MOELAB_KERNELS", "nope")
     with pytest.raises(ValueError, match="MOELAB_KERNELS"):
         resolve_backend(None)
+
+
+def test_empty_batch():
+    x, wgu, wd, idx, w = _inputs(4, 8, 6, 3, 2, seed=5)
+    out = moe_experts(x[:0], wgu, wd, idx[:0], w[:0])
+    assert out.shape == (0, 8)
+    out.sum().backward()
+    assert wgu.grad is not None and torch.count_nonzero(wgu.grad) == 0

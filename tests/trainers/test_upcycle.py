@@ -1,0 +1,174 @@
+import json
+
+import pytest
+import torch
+
+from moelab.trainers.config import ConfigError, ModelConfig, MoEConfig, UpcycleConfig, load_run_config
+from moelab.trainers.loop import train
+from moelab.trainers.model import build_model
+from moelab.trainers.upcycle import initial_model, load_source, scaling_factor, upcycle
+
+D_FF = 48
+
+
+def _dense(seed=0):
+    cfg = ModelConfig(vocab_size=61, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=D_FF).validate()
+    model = build_model(cfg, seed=seed)
+    with torch.no_grad():  # larger FFN weights so the FFN matters to the logits
+        for layer in model.layers:
+            layer.ffn.down.weight.mul_(20)
+    return model
+
+
+def _logits(model, seed=1):
+    tokens = torch.randint(0, 61, (2, 12), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        return model(tokens)
+
+
+# G=1: softmax without renormalisation, a uniform router (std 0): F = n_experts / top_k.
+# G>1: renormalised gates with a random virtual-group router: F = G for any router draw.
+CASES = [
+    (1, MoEConfig(n_experts=4, top_k=2, renormalize=False), 0.0),
+    (2, MoEConfig(n_experts=8, top_k=2, granularity=2, renormalize=True), 0.5),
+    (4, MoEConfig(n_experts=8, top_k=4, granularity=4, renormalize=True), 0.5),
+]
+
+
+@pytest.mark.parametrize("G,moe,router_std", CASES)
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_function_preserving_with_nvidia_scaling(G, moe, router_std, shuffle):
+    dense = _dense()
+    ucfg = UpcycleConfig(router_init="virtual_group", router_std=router_std, scaling="nvidia", shuffle=shuffle)
+    m = upcycle(dense, moe, ucfg)
+    assert m.cfg.d_expert == D_FF // G
+    torch.testing.assert_close(_logits(m), _logits(dense), rtol=1e-5, atol=1e-5)
+    unscaled = upcycle(dense, moe, UpcycleConfig(router_init="virtual_group", router_std=router_std,
+                                                 scaling="none", shuffle=shuffle))
+    assert (_logits(unscaled) - _logits(dense)).abs().max() > 1e-3
+
+
+def test_scaling_factor_values():
+    # He et al.: softmax-then-top-k without renormalisation -> E * G^2 / T, E = n_experts / G
+    assert scaling_factor(MoEConfig(n_experts=64, top_k=8, granularity=8, renormalize=False), 1024, 128,
+                          "nvidia") == pytest.approx(8 * 8**2 / 8)
+    assert scaling_factor(MoEConfig(n_experts=8, top_k=2, renormalize=True), 64, 32, "nvidia") == 2
+    assert scaling_factor(MoEConfig(n_experts=8, top_k=2), 64, 64, 1.5) == 1.5
+    assert scaling_factor(MoEConfig(n_experts=8, top_k=2), 64, 64, "none") == 1.0
+
+
+def test_copy_attention_and_norms_unchanged():
+    dense = _dense()
+    m = upcycle(dense, MoEConfig(n_experts=4, top_k=1), UpcycleConfig(noise_std=0.1, reset_ratio=0.5))
+    for name, p in dense.state_dict().items():
+        if ".ffn." not in name:
+            assert torch.equal(m.state_dict()[name], p), name
+
+
+def _expert_parts(m, layer, j):
+    ffn = m.layers[layer].ffn
+    de = ffn.d_expert
+    return ffn.w_gate_up[j, :de], ffn.w_gate_up[j, de:], ffn.w_down[j]
+
+
+def test_reset_ratio_changes_exactly_the_chosen_units():
+    dense = _dense()
+    r = 0.25
+    m = upcycle(dense, MoEConfig(n_experts=4, top_k=1), UpcycleConfig(reset_ratio=r, seed=3))
+    gate_up = dense.layers[0].ffn.gate_up.weight
+    gate, down = gate_up[:D_FF], dense.layers[0].ffn.down.weight
+    chosen = []
+    for j in range(4):
+        g, u, dn = _expert_parts(m, 0, j)
+        changed = (g != gate).any(1)
+        assert int(changed.sum()) == round(r * D_FF)
+        idx = changed.nonzero().flatten()
+        assert torch.equal((dn != down).any(0).nonzero().flatten(), idx)  # the same units in down
+        chosen.append(tuple(idx.tolist()))
+        # resampled rows follow the statistics of the slice they replace
+        assert g[idx].mean().item() == pytest.approx(gate[idx].mean().item(), abs=0.02)
+        assert g[idx].std().item() == pytest.approx(gate[idx].std().item(), rel=0.25)
+    assert len(set(chosen)) == 4  # each expert draws its own units
+
+
+def test_noise_std_and_seed():
+    dense = _dense()
+    sigma = 1e-3
+    moe = MoEConfig(n_experts=8, top_k=2)
+    m = upcycle(dense, moe, UpcycleConfig(noise_std=sigma, seed=1))
+    g, _, _ = _expert_parts(m, 1, 5)
+    diff = g - dense.layers[1].ffn.gate_up.weight[:D_FF]
+    assert diff.std().item() == pytest.approx(sigma, rel=0.05)
+    assert diff.mean().abs().item() < 0.1 * sigma
+    again = upcycle(dense, moe, UpcycleConfig(noise_std=sigma, seed=1))
+    other = upcycle(dense, moe, UpcycleConfig(noise_std=sigma, seed=2))
+    assert torch.equal(again.layers[1].ffn.w_gate_up, m.layers[1].ffn.w_gate_up)
+    assert not torch.equal(other.layers[1].ffn.w_gate_up, m.layers[1].ffn.w_gate_up)
+
+
+def test_granular_split_and_virtual_group_router():
+    dense = _dense()
+    m = upcycle(dense, MoEConfig(n_experts=8, top_k=4, granularity=4), UpcycleConfig(router_init="virtual_group"))
+    de = D_FF // 4
+    gate = dense.layers[0].ffn.gate_up.weight[:D_FF]
+    up = dense.layers[0].ffn.gate_up.weight[D_FF:]
+    for j in range(8):
+        g, u, dn = _expert_parts(m, 0, j)
+        s = slice((j % 4) * de, (j % 4 + 1) * de)
+        assert torch.equal(g, gate[s]) and torch.equal(u, up[s])
+        assert torch.equal(dn, dense.layers[0].ffn.down.weight[:, s])
+    w = m.layers[0].ffn.router.weight
+    assert torch.equal(w[0], w[3]) and not torch.equal(w[3], w[4])
+
+
+def test_shared_experts_from_dense():
+    dense = _dense()
+    m = upcycle(dense, MoEConfig(n_experts=4, top_k=1, n_shared=1, d_shared=D_FF), UpcycleConfig())
+    assert torch.equal(m.layers[0].ffn.shared.gate_up.weight, dense.layers[0].ffn.gate_up.weight)
+    m2 = upcycle(dense, MoEConfig(n_experts=4, top_k=1, granularity=2, n_shared=2), UpcycleConfig())
+    assert torch.equal(m2.layers[0].ffn.shared.down.weight, dense.layers[0].ffn.down.weight)  # two halves
+    with pytest.raises(ConfigError, match="d_shared"):
+        upcycle(dense, MoEConfig(n_experts=4, top_k=1, n_shared=1, d_shared=40), UpcycleConfig())
+
+
+@pytest.mark.parametrize("ucfg,match", [
+    (dict(scaling="huge"), "upcycle.scaling"), (dict(scaling=-1.0), "upcycle.scaling"),
+    (dict(reset_ratio=1.5), "upcycle.reset_ratio"), (dict(router_init="zeros"), "upcycle.router_init"),
+])
+def test_bad_upcycle_config(ucfg, match):
+    with pytest.raises(ConfigError, match=match):
+        UpcycleConfig(**ucfg).validate()
+
+
+def test_virtual_group_needs_multiples_of_g():
+    with pytest.raises(ConfigError, match="virtual_group"):
+        upcycle(_dense(), MoEConfig(n_experts=8, top_k=3, granularity=2), UpcycleConfig(router_init="virtual_group"))
+    with pytest.raises(ConfigError, match="already an MoE"):
+        upcycle(build_model(load_run_config("moe-tiny").model), MoEConfig(n_experts=4, top_k=1))
+
+
+def test_continued_training_from_dense_checkpoint_lowers_loss(tmp_path):
+    dense_rc = load_run_config("tiny", {"train.steps": 40, "train.log_every": 40, "train.eval_every": 0})
+    train(dense_rc, tmp_path / "dense", progress=False)
+    rc = load_run_config("moe-tiny", {"upcycle.source": str(tmp_path / "dense"), "upcycle.noise_std": 1e-3,
+                                      "train.steps": 20, "train.log_every": 1, "train.eval_every": 0,
+                                      "optim.expert_lr_fraction": 0.3, "optim.warmup_steps": 2})
+    start = initial_model(rc)
+    assert start.cfg.moe.n_experts == 8
+    train(rc, tmp_path / "moe", progress=False, model=start)
+    rows = [json.loads(l) for l in open(tmp_path / "moe" / "metrics.jsonl")]
+    first, last = rows[0]["loss"], sum(r["loss"] for r in rows[-5:]) / 5
+    assert last < first - 0.05
+    # the upcycled model starts near where the dense model ended, not at a random init's ln(vocab)
+    dense_final = [json.loads(l) for l in open(tmp_path / "dense" / "metrics.jsonl")][-1]["loss"]
+    assert first < dense_final + 0.5 < 5.0
+
+
+def test_source_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint.pt"):
+        load_source(tmp_path)
+    rc = load_run_config("tiny", {"train.steps": 1, "train.eval_every": 0})
+    train(rc, tmp_path / "d", progress=False)
+    bad = load_run_config("moe-small", {"upcycle.source": str(tmp_path / "d")})
+    with pytest.raises(ConfigError, match="differs from model"):
+        initial_model(bad)
