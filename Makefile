@@ -32,6 +32,8 @@ demo: install
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/moe_experts_cpu.py
 	OMP_NUM_THREADS=2 $(BIN)/python bench/train_cpu.py
+	$(BIN)/python bench/parallel_cpu.py
+	OMP_NUM_THREADS=2 $(BIN)/python bench/fits_bench.py
 
 # The Triton kernel benchmark needs a CUDA GPU (exits 2 with a message elsewhere).
 bench-gpu: install

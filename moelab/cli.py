@@ -1,9 +1,10 @@
-"""The `moelab` command line: train | presets (more commands arrive with the platform)."""
+"""The `moelab` command line: train | plan | presets (more commands arrive with the platform)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from typing import Any
 
@@ -13,6 +14,14 @@ examples:
   moelab train --preset moe-tiny --model.moe.top_k 1 --optim.lr 1e-3 --metrics-jsonl m.jsonl
   moelab train --preset small --data.source stdlib --train.max_tokens 2000000
   moelab train --preset moe-tiny --out runs/a --resume          # continue runs/a from its checkpoint
+  torchrun --nproc_per_node 2 -m moelab train --preset moe-tiny --ep 2   # 2 ranks, experts split in 2
+  moelab train --preset tiny --out runs/dense                          # a dense model, then
+  moelab train --preset moe-tiny --init-from runs/dense --upcycle.noise_std 1e-3 --upcycle.reset_ratio 0.05
+
+Under torchrun every rank is a data-parallel rank (FSDP2) and --ep ranks split the routed experts (gloo on
+CPU, nccl on CUDA); the global batch is the single-process one, train.micro_batch_size counts per rank;
+rank 0 alone prints and writes metrics. Checkpoints are then sharded directories <out>/ckpt-<step>/ that
+--resume loads at any number of ranks or ep size.
 
 Any config field can be set as --section.field VALUE (sections: model, model.moe, data, optim, train);
 `moelab presets` lists the presets."""
@@ -40,7 +49,6 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
     from moelab.trainers.config import ConfigError, load_run_config
-    from moelab.trainers.loop import Diverged, train
 
     overrides = parse_overrides(extra)
     if args.steps is not None:
@@ -49,33 +57,91 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
         overrides["train.seed"] = args.seed
     if args.out:
         overrides["train.out_dir"] = args.out
+    if args.ep is not None:
+        overrides["train.ep"] = args.ep
+    if args.init_from:
+        overrides["upcycle.source"] = args.init_from
     try:
         rc = load_run_config(args.preset, overrides)
     except ConfigError as e:
         print(f"moelab train: bad config: {e}", file=sys.stderr)
         return 2
+    par = None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # under torchrun: join the group, build the mesh
+        from moelab.trainers.parallel import init_parallel
+
+        try:
+            par = init_parallel(rc.train.ep, rc.model.moe.n_experts, rc.train.device)
+        except ConfigError as e:
+            print(f"moelab train: bad config: {e}", file=sys.stderr)
+            return 2
+    try:
+        return _train_ranks(rc, args, par)
+    finally:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _train_ranks(rc, args: argparse.Namespace, par) -> int:
+    from moelab.trainers.config import ConfigError
+    from moelab.trainers.loop import Diverged, train
+
+    main_rank = par is None or par.is_main
+    say = print if main_rank else (lambda *a, **k: None)
     out_dir = rc.train.out_dir or f"runs/{rc.preset}-s{rc.train.seed}"
     resume = None
     if args.resume:
         resume = out_dir if args.resume == "auto" else args.resume
     pc = rc.model.param_counts()
-    print(f"moelab train: preset {rc.preset}, {pc['total'] / 1e6:.2f}M params ({pc['active'] / 1e6:.2f}M active), "
-          f"{rc.total_steps()} steps -> {out_dir}", flush=True)
+    ranks = f", {par.world_size} ranks (ep {par.ep} x dp_shard {par.dp})" if par else ""
+    say(f"moelab train: preset {rc.preset}, {pc['total'] / 1e6:.2f}M params ({pc['active'] / 1e6:.2f}M active), "
+        f"{rc.total_steps()} steps{ranks} -> {out_dir}", flush=True)
     try:
-        summary = train(rc, out_dir, metrics_jsonl=args.metrics_jsonl, resume=resume)
+        summary = train(rc, out_dir, metrics_jsonl=args.metrics_jsonl, resume=resume, parallel=par)
     except Diverged as e:
-        print(f"moelab train: {e}", file=sys.stderr)
+        say(f"moelab train: {e}", file=sys.stderr)
         return 3
     except (ConfigError, FileNotFoundError, ValueError) as e:
-        print(f"moelab train: {e}", file=sys.stderr)
+        say(f"moelab train: {e}", file=sys.stderr)
         return 2
     msg = f"done: loss {summary.get('loss', float('nan')):.4f}"
     if "eval_loss" in summary:
         msg += f", eval loss {summary['eval_loss']:.4f}"
     if "bayes_loss" in summary:
         msg += f" (Bayes-optimal floor {summary['bayes_loss']:.4f})"
-    print(msg)
-    print(f"metrics: {summary['metrics']}\ncheckpoint: {summary['checkpoint']}\nsummary: {out_dir}/summary.json")
+    say(msg)
+    say(f"metrics: {summary['metrics']}\ncheckpoint: {summary['checkpoint']}\nsummary: {out_dir}/summary.json")
+    return 0
+
+
+PLAN_EXAMPLES = """\
+examples:
+  moelab plan --preset moe-1b --gpus 64 --ep 8
+  moelab plan --preset moe-1b --gpus 512 --ep 8 --micro-batch 1 --mfu 0.35 --bw-gbps 400
+  moelab plan --preset moe-1b --gpus 8 --ep 8 --seq 2048 --micro-batch 8 --json
+
+Memory per GPU (fp32 weights, grads and AdamW states sharded over all GPUs; bf16 all-gather buffers; an
+activation estimate without recomputation), all-to-all and FSDP bytes per step, FLOPs per step, and the
+step time at --mfu of --peak-tflops plus the communication at --nvlink-gbps (inside a node) or --bw-gbps
+(across nodes). The formulas are in moelab/trainers/plan.py."""
+
+
+def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.trainers.config import ConfigError, preset
+    from moelab.trainers.plan import PlanInputs, format_plan, make_plan
+
+    try:
+        rc = preset(args.preset)
+        r = make_plan(rc, PlanInputs(gpus=args.gpus, ep=args.ep, seq=args.seq, micro_batch=args.micro_batch,
+                                     batch=args.batch, mfu=args.mfu, peak_tflops=args.peak_tflops,
+                                     bw_gbps=args.bw_gbps, nvlink_gbps=args.nvlink_gbps,
+                                     gpus_per_node=args.gpus_per_node))
+    except ConfigError as e:
+        print(f"moelab plan: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2) if args.json else format_plan(r))
     return 0
 
 
@@ -120,9 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", help="run directory (default runs/<preset>-s<seed>)")
     t.add_argument("--metrics-jsonl", help="also/instead write one JSON object per logged step here "
                                            "(default <out>/metrics.jsonl)")
+    t.add_argument("--init-from", metavar="PATH",
+                   help="start from these weights (upcycle.source): a moelab run dir / checkpoint.pt or a "
+                        "local Hugging Face dir; a dense source is upcycled when the model is an MoE")
     t.add_argument("--resume", nargs="?", const="auto",
-                   help="continue from a checkpoint (file or run dir; bare flag = the run's own)")
+                   help="continue from a checkpoint (file, ckpt-* dir or run dir; bare flag = the run's own)")
+    t.add_argument("--ep", type=int, help="expert-parallel size under torchrun (train.ep; default 1)")
     t.set_defaults(func=cmd_train)
+    from moelab.trainers.plan import PlanInputs
+
+    d = PlanInputs(gpus=1)
+    pl = sub.add_parser("plan", help="per-GPU memory, communication and step time of a cluster layout",
+                        epilog=PLAN_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    pl.add_argument("--preset", default="moe-1b", help="model and batch (default: moe-1b)")
+    pl.add_argument("--gpus", type=int, required=True, help="number of GPUs (world size)")
+    pl.add_argument("--ep", type=int, default=1, help="expert-parallel size: divides --gpus and n_experts")
+    pl.add_argument("--seq", type=int, default=0, help="sequence length (default: the preset's)")
+    pl.add_argument("--micro-batch", type=int, default=0, help="sequences per GPU per micro-step "
+                                                              "(default: the preset's micro batch)")
+    pl.add_argument("--batch", type=int, default=0, help="global sequences per step (default: the preset's)")
+    pl.add_argument("--mfu", type=float, default=d.mfu, help=f"model FLOPs utilisation (default {d.mfu})")
+    pl.add_argument("--peak-tflops", type=float, default=d.peak_tflops,
+                    help=f"peak bf16 TFLOP/s per GPU (default {d.peak_tflops:.0f}, H100)")
+    pl.add_argument("--bw-gbps", type=float, default=d.bw_gbps,
+                    help=f"network bandwidth per GPU in Gbit/s, across nodes (default {d.bw_gbps:.0f})")
+    pl.add_argument("--nvlink-gbps", type=float, default=d.nvlink_gbps,
+                    help=f"bandwidth per GPU in Gbit/s inside a node (default {d.nvlink_gbps:.0f}, NVLink)")
+    pl.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
+    pl.add_argument("--json", action="store_true", help="machine-readable output")
+    pl.set_defaults(func=cmd_plan)
     pr = sub.add_parser("presets", help="list presets with parameter and FLOP counts",
                         epilog="example:\n  moelab presets\n  moelab presets --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -285,6 +285,9 @@ class DataConfig:
     """Where tokens come from. See `moelab.trainers.data` for the sources."""
 
     source: Literal["synthetic", "stdlib", "files", "memmap"] = "synthetic"
+    # The dataset (synthetic chains, eval split) and batch order; independent of train.seed so that seeds of
+    # a sweep vary the initialisation while every trial sees the same data.
+    seed: int = 0
     paths: tuple[str, ...] = ()  # files / memmap: local paths or globs
     text_field: str = "text"  # JSONL / Parquet column holding the text
     tokenizer: str = "byte"  # "byte" or a local directory holding an HF tokenizer.json
@@ -329,6 +332,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     out_dir: str = ""  # "" = runs/<preset>-s<seed>
+    ep: int = 1  # expert-parallel size: ranks that split the routed experts (torchrun / Ray Train; 1 = none)
 
     @property
     def micro(self) -> int:
@@ -401,6 +405,9 @@ class RunConfig:
             _fail("train.seq_len", t.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
             _fail("train.device", t.device, "'auto', 'cpu', 'cuda', 'cuda:N'")
+        if t.ep < 1 or (t.ep > 1 and (not self.model.moe.enabled or self.model.moe.n_experts % t.ep)):
+            n = self.model.moe.n_experts
+            _fail("train.ep", t.ep, f"1, or a divisor of model.moe.n_experts={n}" if n else "1 (a dense model)")
         if t.dtype not in ("auto", "float32", "bfloat16"):
             _fail("train.dtype", t.dtype, "'auto', 'float32', 'bfloat16'")
         if o.schedule not in ("cosine", "wsd", "deepseek", "constant"):

@@ -3,18 +3,28 @@
 Exact resume rests on two facts: the batch of step i depends only on (seed, i) (see `data.py`), and the
 checkpoint holds everything else that changes (weights, router biases, AdamW moments, the step). So the loss
 trajectory after `--resume` equals the uninterrupted one.
+
+The same Trainer runs on many ranks (torchrun, Ray Train) when given a `parallel.Parallel`: each rank
+trains on its slice of every global micro-batch with an FSDP2 + expert-parallel model (see `parallel.py`);
+losses, gradient norm and MoE statistics are reduced over all ranks; rank 0 alone writes metrics, the
+summary and prints. Checkpoints are then sharded `torch.distributed.checkpoint` (DCP) directories
+`ckpt-<step>/` that load at any world size or EP size, a single process included. A single process keeps
+the `checkpoint.pt` file (torch.save) and can also resume from a DCP directory.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +35,12 @@ from moelab.trainers.hardware import peak_flops
 from moelab.trainers.model import Transformer, build_model
 from moelab.trainers.optim import build_optimizer, set_lr
 
+if TYPE_CHECKING:
+    from moelab.trainers.parallel import Parallel
+
 CHECKPOINT = "checkpoint.pt"
+DCP_PREFIX = "ckpt-"  # sharded checkpoints: <out>/ckpt-<step, 8 digits>/ (complete once meta.json exists)
+DCP_META = "meta.json"
 # Test hook: `MOELAB_FAULT_NAN_AT_STEP=N` makes step N's loss NaN, to exercise the divergence path end to end.
 FAULT_NAN_ENV = "MOELAB_FAULT_NAN_AT_STEP"
 
@@ -55,6 +70,24 @@ def autocast_dtype(rc: RunConfig, device: torch.device) -> torch.dtype | None:
     return None
 
 
+def find_checkpoint(path: str | Path) -> Path:
+    """The checkpoint `--resume PATH` means: a `checkpoint.pt` file, a DCP directory, or the newest complete
+    one of either kind inside a run directory. FileNotFoundError when there is none."""
+    path = Path(path)
+    if path.is_file() or (path / ".metadata").exists():
+        return path
+    found = []
+    if path.is_dir():
+        if (path / CHECKPOINT).is_file():
+            found.append(((path / CHECKPOINT).stat().st_mtime, path / CHECKPOINT))
+        for d in path.glob(DCP_PREFIX + "*"):
+            if (d / DCP_META).is_file():
+                found.append(((d / DCP_META).stat().st_mtime, d))
+    if not found:
+        raise FileNotFoundError(f"--resume: no checkpoint at {path}")
+    return max(found)[1]
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temp file, then rename: a checkpoint is whole or absent, never half-written."""
     tmp = path.with_suffix(path.suffix + ".tmp")
@@ -76,56 +109,143 @@ class StepStats:
 class Trainer:
     """Trains one model described by a RunConfig. `run()` returns the final summary dict.
 
-    `report(metrics, checkpoint_dir | None)` is called at every log step (the Ray worker hooks in here).
+    `report(metrics, checkpoint | None)` is called at every log step (the Ray worker hooks in here); on
+    many ranks it is called on every rank with the same, all-reduced metrics.
     `model`: start from these weights (e.g. an upcycled MoE) instead of a fresh initialisation; its
     architecture must be `rc.model`.
+    `parallel`: the rank layout (`parallel.init_parallel`); None or a world of one = a single process.
     """
 
     def __init__(self, rc: RunConfig, out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
                  progress: bool | None = None, report: Callable[[dict, Path | None], None] | None = None,
-                 model: Transformer | None = None):
+                 model: Transformer | None = None, parallel: "Parallel | None" = None):
         self.rc = rc.validate()
+        self.par = parallel if parallel is not None and parallel.world_size > 1 else None
+        self.is_main = self.par is None or self.par.is_main
         self.out_dir = Path(out_dir)
         self.metrics_path = Path(metrics_jsonl) if metrics_jsonl else self.out_dir / "metrics.jsonl"
-        self.progress = sys.stderr.isatty() if progress is None else progress
+        self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.report = report
-        self.device = resolve_device(rc.train.device)
+        if self.par is None and rc.train.ep > 1:
+            raise ConfigError(f"train.ep: got {rc.train.ep} in a single process; allowed: 1, or run on "
+                              f"several ranks (torchrun --nproc_per_node N -m moelab train ..., N a multiple "
+                              f"of ep; or Ray Train)")
+        self.device = self.par.device if self.par else resolve_device(rc.train.device)
         self.amp_dtype = autocast_dtype(rc, self.device)
-        self.source: TokenSource = build_source(rc.data, rc.train.seed)
+        self.source: TokenSource = build_source(rc.data, rc.data.seed)
         if self.source.vocab_size > rc.model.vocab_size:
             raise ConfigError(f"model.vocab_size: got {rc.model.vocab_size}; allowed: >= {self.source.vocab_size}, "
                               f"the vocabulary of data.source={rc.data.source!r}")
+        if model is None and rc.upcycle.source:  # continue from, or upcycle, another model's weights
+            from moelab.trainers.upcycle import initial_model
+
+            model = initial_model(rc)
         if model is not None and model.cfg != rc.model:
             raise ConfigError("Trainer(model=...): the model's config differs from rc.model")
         self.model: Transformer = (model.to(self.device) if model is not None
                                    else build_model(rc.model, seed=rc.train.seed, device=self.device))
+        if self.par:
+            from moelab.trainers.parallel import check_batch, parallelize
+
+            if rc.train.ep != self.par.ep:
+                raise ConfigError(f"train.ep: got {rc.train.ep}, but the process mesh has ep={self.par.ep}")
+            check_batch(rc, self.par)
+            # FSDP gathers parameters in bf16 on CUDA (gradients reduced in fp32); fp32 on CPU.
+            param_dtype = self.amp_dtype if self.device.type == "cuda" else None
+            parallelize(self.model, self.par, param_dtype)
         self.opt = build_optimizer(self.model, rc.optim)
+        # Sequences per micro-step over all ranks. On W ranks train.micro_batch_size counts per rank, so W
+        # ranks at micro m train exactly like one process at micro m x W (0: the whole batch at once).
+        world = self.par.world_size if self.par else 1
+        self.micro = rc.train.micro_batch_size * world if rc.train.micro_batch_size else rc.train.batch_size
         self.total_steps = rc.total_steps()
         self.step = 0
         self.tokens_per_step = rc.train.batch_size * rc.train.seq_len
         self.flops_per_token = rc.model.flops_per_token(rc.train.seq_len)
         self.wall_offset = 0.0  # wall seconds of earlier attempts (resume)
+        self.checkpoint_path: Path | None = None  # the newest checkpoint written or loaded
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
+        """A single process: `checkpoint.pt` (torch.save, atomic). Many ranks: a DCP directory."""
+        if self.par:
+            return self._save_dcp()
         self.out_dir.mkdir(parents=True, exist_ok=True)
         path = self.out_dir / CHECKPOINT
         save_atomic({"model": self.model.state_dict(), "optim": self.opt.state_dict(), "step": self.step,
                      "wall_s": self.wall_s(), "config": to_dict(self.rc)}, path)
+        self.checkpoint_path = path
+        return path
+
+    def _save_dcp(self) -> Path:
+        """Every rank writes its own shards of weights and AdamW state (FQN-keyed, so they reload at any
+        layout); rank 0 writes `meta.json` last, which marks the directory complete. Older ones are removed."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        path = self.out_dir / f"{DCP_PREFIX}{self.step:08d}"
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)
+        if self.is_main:
+            shutil.rmtree(path, ignore_errors=True)
+        self.par.barrier()
+        path.mkdir(parents=True, exist_ok=True)
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        if self.is_main:
+            meta = {"step": self.step, "wall_s": self.wall_s(), "world_size": self.par.world_size,
+                    "ep": self.par.ep, "config": to_dict(self.rc)}
+            tmp = path / (DCP_META + ".tmp")
+            tmp.write_text(json.dumps(meta, indent=2))
+            os.replace(tmp, path / DCP_META)
+        self.par.barrier()
+        for old in self.out_dir.glob(DCP_PREFIX + "*"):
+            if old != path:
+                shutil.rmtree(old, ignore_errors=True)
+        self.checkpoint_path = path
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        path = Path(path)
+        """Resume from `path` (see `find_checkpoint`): weights, router biases, AdamW state, step."""
+        path = find_checkpoint(path)
         if path.is_dir():
-            path = path / CHECKPOINT
-        if not path.exists():
-            raise FileNotFoundError(f"--resume: no checkpoint at {path}")
-        state = torch.load(path, map_location=self.device, weights_only=False)
-        self.model.load_state_dict(state["model"])
-        self.opt.load_state_dict(state["optim"])
-        self.step = state["step"]
-        self.wall_offset = state.get("wall_s", 0.0)
-        self._truncate_metrics(self.step)
+            meta = self._load_dcp(path)
+        else:
+            meta = torch.load(path, map_location="cpu" if self.par else self.device, weights_only=False)
+            if self.par:
+                self._load_full(meta)
+            else:
+                self.model.load_state_dict(meta["model"])
+                self.opt.load_state_dict(meta["optim"])
+        self.step = meta["step"]
+        self.wall_offset = meta.get("wall_s", 0.0)
+        self.checkpoint_path = path
+        if self.is_main:
+            self._truncate_metrics(self.step)
+
+    def _load_dcp(self, path: Path) -> dict:
+        """Load a DCP directory into this layout (DCP reshards: any saved world/EP size, or one process)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_sd, optim_sd = get_state_dict(self.model, self.opt)  # this layout's shards, to be filled
+        state = {"model": model_sd, "optim": optim_sd}
+        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+            dcp.load(state, checkpoint_id=path, no_dist=self.par is None)
+        set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+        return json.loads((path / DCP_META).read_text())
+
+    def _load_full(self, state: dict) -> None:
+        """A single process's torch.save checkpoint into a sharded model: rebuild it whole on the CPU, take
+        FQN-keyed state dicts, and let every rank keep its shards."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+
+        plain = Transformer(self.rc.model)
+        plain.load_state_dict(state["model"])
+        opt = build_optimizer(plain, self.rc.optim)
+        opt.load_state_dict(state["optim"])
+        model_sd, optim_sd = get_state_dict(plain, opt)
+        set_state_dict(self.model, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
+                       options=StateDictOptions(full_state_dict=True))
 
     def _truncate_metrics(self, step: int) -> None:
         """Drop logged rows past the checkpoint: they are recomputed, identically, after resuming."""
@@ -148,7 +268,10 @@ class Trainer:
         with self._autocast():
             logits = self.model(inp)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
-        moe = self.model.moe_losses()
+        # = model.moe_losses(), without touching parameters (FSDP may have resharded them by now).
+        layers = [m for _, m in self.model.moe_layers() if m.aux_loss is not None]
+        zero = ce.new_zeros(())
+        moe = {"aux_loss": sum((m.aux_loss for m in layers), zero), "z_loss": sum((m.z_loss for m in layers), zero)}
         m = self.rc.model.moe
         return ce + m.aux_loss_coef * moe["aux_loss"] + m.z_loss_coef * moe["z_loss"], ce, moe
 
@@ -157,26 +280,42 @@ class Trainer:
         t = self.rc.train
         lr = set_lr(self.opt, self.step, self.total_steps, self.rc.optim)
         batch = self.source.batch("train", self.step, t.batch_size, t.seq_len).tokens.to(self.device)
-        n_micro = t.batch_size // t.micro
+        n_micro = t.batch_size // self.micro
         ce_sum = aux_sum = z_sum = 0.0
-        for mb in batch.split(t.micro):
+        for mb in batch.split(self.micro):
+            if self.par:
+                mb = self.par.local_rows(mb)
             obj, ce, moe = self._loss(mb)
             (obj / n_micro).backward()
             ce_sum += ce.detach()
             aux_sum += moe["aux_loss"].detach()
             z_sum += moe["z_loss"].detach()
             self._collect(stats)
+        if self.par:  # every rank sees the same, global values (and so agrees on divergence)
+            ce_sum, aux_sum, z_sum = self.par.all_reduce(torch.stack([ce_sum, aux_sum, z_sum]), "mean").tolist()
         loss = float(ce_sum) / n_micro
         if os.environ.get(FAULT_NAN_ENV) == str(self.step):  # test hook: behave as if the loss blew up
             loss = float("nan")
         if not math.isfinite(loss):
             raise Diverged(self.step, loss)
         clip = self.rc.optim.grad_clip if self.rc.optim.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+        if self.par:
+            from moelab.trainers.parallel import clip_grad_norm
+
+            grad_norm = float(clip_grad_norm(self.model.parameters(), clip, self.par))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        for _, m in self.model.moe_layers():
-            m.update_bias()
+        layers = self.model.moe_layers()
+        if self.par and any(m.bias_update_rate > 0 for _, m in layers):
+            # Biases move on the load of the global batch, so every rank keeps the same biases.
+            loads = self.par.all_reduce(torch.stack([m.load_accum for _, m in layers]))
+            for (_, m), load in zip(layers, loads):
+                m.update_bias(load)
+        else:
+            for _, m in layers:
+                m.update_bias()
         self.step += 1
         return {"loss": loss, "aux_loss": float(aux_sum) / n_micro, "z_loss": float(z_sum) / n_micro,
                 "lr": lr, "grad_norm": grad_norm}
@@ -192,15 +331,33 @@ class Trainer:
             stats.entropy += float(m.stats["router_entropy"])
             stats.n_entropy += 1
 
+    def _reduce_stats(self, stats: StepStats) -> StepStats:
+        """MoE statistics summed over all ranks (entropy stays a mean over every rank's micro-batches)."""
+        if not self.par or not stats.load:
+            return stats
+        flat = torch.cat([torch.stack(stats.load).double().flatten(),
+                          torch.tensor([stats.dropped, stats.slots, stats.entropy, stats.n_entropy],
+                                       dtype=torch.float64, device=stats.load[0].device)])
+        flat = self.par.all_reduce(flat)
+        n = sum(l.numel() for l in stats.load)
+        loads = flat[:n].float().split([l.numel() for l in stats.load])
+        dropped, slots, entropy, n_entropy = flat[n:].tolist()
+        return StepStats(load=list(loads), dropped=dropped, slots=slots, entropy=entropy, n_entropy=int(n_entropy))
+
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.rc.train
         losses = []
         for i in range(t.eval_batches):
-            tokens = self.source.batch("eval", i, t.micro, t.seq_len).tokens.to(self.device)
+            tokens = self.source.batch("eval", i, self.micro, t.seq_len).tokens.to(self.device)
+            if self.par:
+                tokens = self.par.local_rows(tokens)
             losses.append(float(self._loss(tokens)[1]))
         for _, m in self.model.moe_layers():
             m.load_accum.zero_()  # eval routing must not move the aux-loss-free biases
+        if self.par:
+            per_batch = torch.tensor(losses, dtype=torch.float64, device=self.device)
+            return float(self.par.all_reduce(per_batch, "mean").mean())
         return sum(losses) / len(losses)
 
     def wall_s(self) -> float:
@@ -220,9 +377,10 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         t = self.rc.train
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.rc), indent=2))
-        peak = peak_flops(self.device)
+        if self.is_main:
+            self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.rc), indent=2))
+        peak = peak_flops(self.device) * (self.par.world_size if self.par else 1)  # MFU: of all devices
         self._t0 = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
         stats = StepStats()
@@ -232,7 +390,7 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
-        with open(self.metrics_path, "a") as mf:
+        with open(self.metrics_path, "a") if self.is_main else contextlib.nullcontext() as mf:
             while self.step < self.total_steps:
                 row = self.train_step(stats)
                 window_tokens += self.tokens_per_step
@@ -247,13 +405,14 @@ class Trainer:
                     row.update(step=s, tokens=s * self.tokens_per_step,
                                flops=s * self.tokens_per_step * self.flops_per_token, wall_s=self.wall_s(),
                                tokens_per_s=tps, mfu=tps * self.flops_per_token / peak)
-                    row.update(self.moe_metrics(stats))
+                    row.update(self.moe_metrics(self._reduce_stats(stats)))
                     if (t.eval_every and s % t.eval_every == 0) or done:
                         row["eval_loss"] = self.evaluate()
-                    mf.write(json.dumps(row) + "\n")
-                    mf.flush()
-                    if not self.progress:
-                        print(self._line(row), flush=True)
+                    if self.is_main:
+                        mf.write(json.dumps(row) + "\n")
+                        mf.flush()
+                        if not self.progress:
+                            print(self._line(row), flush=True)
                     ckpt = None
                     if (t.ckpt_every and s % t.ckpt_every == 0) or done:
                         ckpt = self.save_checkpoint()
@@ -267,14 +426,17 @@ class Trainer:
         if bar:
             bar.close()
         summary = self.summary(last)
-        (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+        if self.is_main:
+            (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
         return summary
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
         out = {k: v for k, v in last.items() if k != "expert_load"}
         out.update(status="finished", steps=self.step, params=self.rc.model.param_counts(),
                    flops_per_token=self.flops_per_token, metrics=str(self.metrics_path),
-                   checkpoint=str(self.out_dir / CHECKPOINT), data=self.source.describe())
+                   checkpoint=str(self.checkpoint_path or self.out_dir / CHECKPOINT), data=self.source.describe())
+        if self.par:
+            out.update(world_size=self.par.world_size, ep=self.par.ep)
         floor = getattr(self.source, "bayes_loss", None)
         if floor is not None:
             out["bayes_loss"] = floor(self.rc.train.seq_len)
@@ -293,10 +455,10 @@ class Trainer:
 
 def train(rc: RunConfig, out_dir: str | Path, *, metrics_jsonl: str | Path | None = None,
           resume: str | Path | None = None, progress: bool | None = None,
-          model: Transformer | None = None) -> dict[str, Any]:
-    """Train one run; `resume` is a checkpoint file or run directory to continue from; `model` optional
-    starting weights (see Trainer)."""
-    tr = Trainer(rc, out_dir, metrics_jsonl=metrics_jsonl, progress=progress, model=model)
+          model: Transformer | None = None, parallel: "Parallel | None" = None) -> dict[str, Any]:
+    """Train one run; `resume` is a checkpoint file, DCP directory or run directory to continue from;
+    `model` optional starting weights; `parallel` the rank layout (see Trainer)."""
+    tr = Trainer(rc, out_dir, metrics_jsonl=metrics_jsonl, progress=progress, model=model, parallel=parallel)
     if resume:
         tr.load_checkpoint(resume)
     return tr.run()

@@ -95,6 +95,9 @@ class MoE(nn.Module):
         self.shared = SwiGLU(d, cfg.d_shared_total) if m.n_shared else None
         self.shared_gate = nn.Linear(d, 1, bias=False) if m.shared_gate else None
         self.kernel_backend: str | None = None
+        # Many ranks: `trainers.parallel.apply_ep` sets this to a MoEParallel (expert dispatch over the EP
+        # group, capacity and balance statistics over the global batch). None: everything stays local.
+        self.parallel = None
         # Load since the last bias update, summed over forwards (micro-batches); a buffer so it follows .to().
         self.register_buffer("load_accum", torch.zeros(m.n_experts), persistent=False)
         self.aux_loss = self.z_loss = None
@@ -108,12 +111,15 @@ class MoE(nn.Module):
 
         routed_idx = topk_idx  # what the router asked for, before capacity drops
         if self.capacity_factor > 0:
-            capacity = math.ceil(self.capacity_factor * T * k / E)
-            kept = capacity_mask(topk_idx, E, capacity)
+            if self.parallel is not None:
+                kept = self.parallel.capacity_mask(topk_idx, E, self.capacity_factor)
+            else:
+                kept = capacity_mask(topk_idx, E, math.ceil(self.capacity_factor * T * k / E))
             topk_idx = torch.where(kept, topk_idx, -1)
 
-        out = moe_experts(x_TD, self.w_gate_up, self.w_down, topk_idx, topk_weight.to(x.dtype),
-                          backend=self.kernel_backend)
+        experts = moe_experts if self.parallel is None else self.parallel.experts
+        out = experts(x_TD, self.w_gate_up, self.w_down, topk_idx, topk_weight.to(x.dtype),
+                      backend=self.kernel_backend)
         if self.shared is not None:
             shared = self.shared(x_TD)
             if self.shared_gate is not None:
@@ -125,6 +131,8 @@ class MoE(nn.Module):
         f = chosen.mean(0) / k  # fraction of slots per expert, sums to 1
         probs = scores if self.router.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
         P = probs.mean(0)
+        if self.parallel is not None:  # f and P of the global batch, as on one device
+            f, P = self.parallel.global_mean(torch.stack([f, P]))
         self.aux_loss = E * (f * P).sum()
         self.z_loss = torch.logsumexp(logits, -1).pow(2).mean()
 

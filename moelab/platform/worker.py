@@ -1,0 +1,144 @@
+"""Ray Train worker entry: the `moelab train` loop, one Ray Train worker per rank (Train V2 API).
+
+    from moelab.platform.worker import fit
+    result = fit(rc, num_workers=2, storage_path="/abs/results", name="trial-0")   # rc: a RunConfig
+
+`train_loop_per_worker(config)` runs inside every `TorchTrainer` worker. Ray has set up the process group
+already (gloo on CPU, nccl on GPU); the worker builds the `(dp_shard, ep)` mesh from it (`rc.train.ep`),
+resumes from `ray.train.get_checkpoint()` when Ray restarts the run after a worker failure, and runs the
+same `Trainer` as `moelab train`. At every log step every rank calls `ray.train.report` with the same,
+all-reduced metrics (plus `attempt`: 0 for the first run, +1 per restart); at a checkpoint step each rank
+attaches its own files of the sharded checkpoint, which Ray merges into one checkpoint directory.
+
+Test hook: `MOELAB_FAULT_AT_STEP=N` makes one worker (rank `MOELAB_FAULT_RANK`, default the last) exit
+hard (`os._exit`) a few seconds after it reported step N (a logged step; the wait lets Ray's controller,
+which polls workers every RAY_TRAIN_HEALTH_CHECK_INTERVAL_S = 2 s, register the checkpoints reported
+before), once per run directory: a marker file `<out_dir>/fault-injected` keeps the restarted attempt from
+failing again. `fit` forwards every `MOELAB_*`
+variable of the driver's environment to the workers.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from moelab.trainers.config import RunConfig, from_dict, to_dict
+
+FAULT_ENV = "MOELAB_FAULT_AT_STEP"
+FAULT_RANK_ENV = "MOELAB_FAULT_RANK"
+FAULT_MARKER = "fault-injected"
+
+
+def _rank_files(ckpt: Path, rank: int) -> list[Path]:
+    """This rank's share of a checkpoint: its DCP shard files (rank 0: also the metadata), or rank 0 the
+    single-process checkpoint file."""
+    if ckpt.is_file():
+        return [ckpt] if rank == 0 else []
+    files = sorted(ckpt.glob(f"__{rank}_*.distcp"))
+    if rank == 0:
+        files += [f for f in (ckpt / ".metadata", ckpt / "meta.json") if f.exists()]
+    return files
+
+
+def _attempt(out_dir: Path, rank: int) -> int:
+    """0 on the first start of the run, then 1, 2, ... (rank 0 counts start markers; all ranks agree)."""
+    import torch
+    import torch.distributed as dist
+
+    n = 0
+    if rank == 0:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        n = len(list(out_dir.glob("attempt-*")))
+        (out_dir / f"attempt-{n}").touch()
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        t = torch.tensor([n], device="cuda" if dist.get_backend() == "nccl" else "cpu")
+        dist.broadcast(t, src=0)
+        n = int(t)
+    return n
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """One rank of a run. config: {"run": RunConfig as a dict, "out_dir": local run directory,
+    "env": environment variables to set first}."""
+    import ray.train
+
+    from moelab.trainers.loop import Trainer
+    from moelab.trainers.parallel import init_parallel
+
+    os.environ.update(config.get("env", {}))
+    rc = from_dict(RunConfig, config["run"]).validate()
+    out_dir = Path(config["out_dir"])
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    par = init_parallel(rc.train.ep, rc.model.moe.n_experts, rc.train.device)
+    attempt = _attempt(out_dir, rank)
+    fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
+    fault_rank = int(os.environ.get(FAULT_RANK_ENV, str(ctx.get_world_size() - 1)))
+
+    def report(row: dict, ckpt: Path | None) -> None:
+        metrics = {**row, "attempt": attempt}
+        if ckpt is None:
+            ray.train.report(metrics)
+        else:
+            # Each rank hands over only its own files; Ray merges them into one checkpoint directory.
+            tmp = Path(tempfile.mkdtemp(prefix=f".report-{rank}-", dir=out_dir))
+            try:
+                for f in _rank_files(Path(ckpt), rank):
+                    try:
+                        os.link(f, tmp / f.name)
+                    except OSError:
+                        shutil.copy2(f, tmp / f.name)
+                ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(str(tmp)),
+                                 checkpoint_dir_name=f"checkpoint-{row['step']:08d}")
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+        marker = out_dir / FAULT_MARKER
+        if fault_at and row["step"] >= fault_at and rank == fault_rank and not marker.exists():
+            marker.write_text(f"worker rank {rank} killed after step {row['step']} ({FAULT_ENV}={fault_at})\n")
+            # Ray's controller collects reports when it polls the workers: give it two polls to register
+            # the checkpoints reported so far, as a real crash some seconds after them would.
+            time.sleep(2 * float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2.0")) + 0.5)
+            os._exit(17)
+
+    tr = Trainer(rc, out_dir, parallel=par, progress=False, report=report)
+    restored = ray.train.get_checkpoint()
+    if restored is not None:
+        with restored.as_directory() as d:
+            tr.load_checkpoint(d)
+    tr.run()
+
+
+def fit(rc: RunConfig, *, storage_path: str, name: str, num_workers: int = 2, use_gpu: bool = False,
+        cpus_per_worker: float = 1.0, max_failures: int = 1, out_dir: str | None = None,
+        callbacks: list | None = None):
+    """Run `rc` as one Ray Train run of `num_workers` ranks (rc.train.ep of them split the experts).
+
+    storage_path: absolute path or URI where Ray keeps results and checkpoints; name: the run's name there
+    (deterministic names let a restarted driver find the run); out_dir: the workers' local run directory
+    (metrics.jsonl, config.json, checkpoints in the making), default <storage_path>/<name>/run for a local
+    path. On 2 CPUs use cpus_per_worker=0.5. Returns the `ray.train.Result`.
+    """
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig as RayRunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    rc.validate()
+    resources = {"CPU": cpus_per_worker}
+    if use_gpu:
+        resources["GPU"] = 1
+    config = {"run": to_dict(rc), "out_dir": out_dir or os.path.join(storage_path, name, "run"),
+              "env": {k: v for k, v in os.environ.items() if k.startswith("MOELAB_")}}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=config,
+        torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RayRunConfig(name=name, storage_path=storage_path, callbacks=callbacks,
+                                failure_config=FailureConfig(max_failures=max_failures),
+                                checkpoint_config=CheckpointConfig(num_to_keep=2)),
+    )
+    return trainer.fit()
