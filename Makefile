@@ -27,7 +27,7 @@ test: install
 	$(BIN)/python -m pytest tests
 
 demo: install
-	$(BIN)/moelab train --preset moe-tiny --steps 300 --out runs/demo-moe-tiny
+	$(BIN)/moelab train --preset moe-tiny --steps 300 --out runs/demo-moe-tiny --resume
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/moe_experts_cpu.py

@@ -94,6 +94,14 @@ def _train_ranks(rc, args: argparse.Namespace, par) -> int:
     resume = None
     if args.resume:
         resume = out_dir if args.resume == "auto" else args.resume
+        if args.resume == "auto":  # bare --resume: continue if there is anything to continue
+            from moelab.trainers.loop import find_checkpoint
+
+            try:
+                find_checkpoint(out_dir)
+            except FileNotFoundError:
+                say(f"moelab train: no checkpoint in {out_dir} yet: starting from step 0")
+                resume = None
     pc = rc.model.param_counts()
     ranks = f", {par.world_size} ranks (ep {par.ep} x dp_shard {par.dp})" if par else ""
     say(f"moelab train: preset {rc.preset}, {pc['total'] / 1e6:.2f}M params ({pc['active'] / 1e6:.2f}M active), "

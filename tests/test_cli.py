@@ -67,3 +67,18 @@ def test_parse_overrides():
         parse_overrides(["--stpes", "3"])
     with pytest.raises(SystemExit, match="needs a value"):
         parse_overrides(["--a.b"])
+
+
+def test_bare_resume_starts_fresh_then_is_a_no_op_when_finished(tmp_path):
+    args = ("train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path), "--train.log_every", "1",
+            "--resume")
+    first = _moelab(*args)
+    assert first.returncode == 0, first.stderr
+    assert "starting from step 0" in first.stdout
+    again = _moelab(*args)
+    assert again.returncode == 0 and "starting from step 0" not in again.stdout
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    # a fresh run into the same directory starts a fresh log instead of appending to the old one
+    fresh = _moelab(*args[:-1])
+    assert fresh.returncode == 0
+    assert [json.loads(l)["step"] for l in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]

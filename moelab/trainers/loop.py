@@ -380,6 +380,7 @@ class Trainer:
         if self.is_main:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.rc), indent=2))
+            self._truncate_metrics(self.step)  # a fresh run starts a fresh log; a resumed one drops replayed rows
         peak = peak_flops(self.device) * (self.par.world_size if self.par else 1)  # MFU: of all devices
         self._t0 = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
@@ -425,6 +426,9 @@ class Trainer:
                     self.save_checkpoint()
         if bar:
             bar.close()
+        if not last and self.is_main and self.metrics_path.exists():  # resumed a run that had already finished
+            lines = self.metrics_path.read_text().splitlines()
+            last = json.loads(lines[-1]) if lines else {}
         summary = self.summary(last)
         if self.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
