@@ -169,10 +169,18 @@ class Results:
                             f"FROM {table}_raw) WHERE _rank = 1")
             else:  # no batch overlaps another: nothing to deduplicate
                 con.execute(f"CREATE VIEW {table} AS SELECT * FROM {table}_raw")
+        con.register("fits_raw", pa.Table.from_pandas(self.fits(), preserve_index=False))
+        con.execute("CREATE VIEW fits AS SELECT * FROM fits_raw")
         return con
 
+    def fits(self, sweep: str | None = None) -> pd.DataFrame:
+        """The `fits` table written by `moelab fit` (one sweep, or all); an empty frame when there is none."""
+        from moelab.ablations.report import read_fits
+
+        return read_fits(self.root, sweep, filesystem=self.fs)
+
     def sql(self, query: str) -> pd.DataFrame:
-        """Run a DuckDB query over the views `trials`, `metrics`, `experts`; returns a DataFrame."""
+        """Run a DuckDB query over the views `trials`, `metrics`, `experts`, `fits`; returns a DataFrame."""
         con = self.connect()
         try:
             return con.execute(query).df()
