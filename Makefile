@@ -6,9 +6,9 @@ BIN := $(VENV)/bin
 # On a CUDA box the venv sees the system's torch instead (created with --system-site-packages).
 TORCH_CPU := torch==2.13.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
-EXTRAS ?= dev,hf
+EXTRAS ?= dev,hf,dashboard
 
-.PHONY: install test demo bench bench-gpu compile-check clean
+.PHONY: install browser test demo bench bench-gpu compile-check clean
 
 install: $(VENV)/.installed
 
@@ -23,7 +23,11 @@ endif
 	$(BIN)/pip install -q -e ".[$(EXTRAS)]"
 	touch $@
 
-test: install
+# The dashboard's browser tests drive Debian's chromium (never a downloaded browser); CI runs as root.
+browser:
+	command -v chromium >/dev/null 2>&1 || { [ "$$(id -u)" = 0 ] && apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium; }
+
+test: install browser
 	$(BIN)/python -m pytest tests
 
 demo: install
