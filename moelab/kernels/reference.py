@@ -24,8 +24,8 @@ def route_slots(topk_idx: torch.Tensor, n_experts: int) -> tuple[torch.Tensor, t
     k = topk_idx.shape[1] if topk_idx.dim() == 2 else 1
     # Dropped slots (-1) sort first; skip them.
     order = torch.argsort(flat, stable=True)
-    counts = torch.bincount(flat[flat >= 0], minlength=n_experts)
-    n_dropped = flat.numel() - int(counts.sum())
+    counts = torch.bincount(flat + 1, minlength=n_experts + 1)  # bin 0 counts the dropped slots
+    n_dropped, counts = int(counts[0]), counts[1:]
     order = order[n_dropped:]
     return order, order // k, counts
 
@@ -47,18 +47,19 @@ def _combine(rows: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int]):
-    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], y [S, d])."""
+    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], a [S, d_e], y [S, d])."""
     S, d = xs.shape
     de = w_down.shape[2]
     h = xs.new_empty(S, 2 * de)
-    for e, rows in _blocks(counts):
-        torch.mm(xs[rows], w_gate_up[e].t(), out=h[rows])
-    # One elementwise pass over all experts at once (large, well-threaded), not one per expert.
-    a = F.silu(h[:, :de]) * h[:, de:]
+    a = xs.new_empty(S, de)
     y = xs.new_empty(S, d)
+    # Expert by expert, so each block's SwiGLU runs on rows still in cache from its GEMM.
     for e, rows in _blocks(counts):
+        he = h[rows]
+        torch.mm(xs[rows], w_gate_up[e].t(), out=he)
+        torch.mul(F.silu(he[:, :de]), he[:, de:], out=a[rows])
         torch.mm(a[rows], w_down[e].t(), out=y[rows])
-    return h, y
+    return h, a, y
 
 
 def _blocks(counts: list[int]):
@@ -79,10 +80,11 @@ class _MoEExperts(torch.autograd.Function):
         counts = counts_t.tolist()
         pos = slot_positions(order, topk_idx.numel())
         xs = x.index_select(0, token)
-        h, y = _swiglu_experts(xs, w_gate_up, w_down, counts)
+        h, a, y = _swiglu_experts(xs, w_gate_up, w_down, counts)
         w_slot = topk_weight.reshape(-1).index_select(0, order).to(y.dtype)
         out = _combine(y * w_slot[:, None], pos, T)
-        ctx.save_for_backward(x, w_gate_up, w_down, order, token, pos, h, y, w_slot)
+        # a = silu(gate) * up is kept (S x d_e more memory) so the backward does not recompute it.
+        ctx.save_for_backward(x, w_gate_up, w_down, order, token, pos, h, a, y, w_slot)
         ctx.counts = counts
         ctx.topk_shape = topk_weight.shape
         ctx.topk_dtype = topk_weight.dtype
@@ -90,32 +92,32 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_gate_up, w_down, order, token, pos, h, y, w_slot = ctx.saved_tensors
+        x, w_gate_up, w_down, order, token, pos, h, a, y, w_slot = ctx.saved_tensors
         T, de = x.shape[0], w_down.shape[2]
         dys = dout.index_select(0, token)  # [S, d]: grad of each slot's weighted output
         d_wslot = (dys * y).sum(1)  # d out / d w_slot = y
         d_topk = torch.zeros(ctx.topk_shape.numel(), dtype=ctx.topk_dtype, device=dout.device)
         d_topk.index_copy_(0, order, d_wslot.to(ctx.topk_dtype))
         dys.mul_(w_slot[:, None])  # now the grad of the unweighted expert output y
-        blocks = list(_blocks(ctx.counts))
-        da = torch.empty_like(h[:, :de])
-        for e, rows in blocks:
-            torch.mm(dys[rows], w_down[e], out=da[rows])
-        # SwiGLU backward over all slots at once: a = silu(g) * u.
-        g, u = h[:, :de], h[:, de:]
-        silu_g = F.silu(g)
-        a = silu_g * u
-        dh = torch.empty_like(h)
-        torch.mul(da, silu_g, out=dh[:, de:])
-        dh[:, :de] = torch.ops.aten.silu_backward(da.mul_(u), g)
         xs = x.index_select(0, token)
         dxs = torch.empty_like(xs)
-        dw_gu = torch.zeros_like(w_gate_up)
-        dw_down = torch.zeros_like(w_down)
-        for e, rows in blocks:
-            torch.mm(dys[rows].t(), a[rows], out=dw_down[e])
-            torch.mm(dh[rows].t(), xs[rows], out=dw_gu[e])
-            torch.mm(dh[rows], w_gate_up[e], out=dxs[rows])
+        dw_gu = torch.empty_like(w_gate_up)  # every expert's block is written below or zeroed here
+        dw_down = torch.empty_like(w_down)
+        for e, n in enumerate(ctx.counts):
+            if n == 0:
+                dw_gu[e].zero_()
+                dw_down[e].zero_()
+        for e, rows in _blocks(ctx.counts):
+            # Expert by expert, so the SwiGLU backward runs on rows still in cache from the GEMMs.
+            dy, he = dys[rows], h[rows]
+            g, u = he[:, :de], he[:, de:]
+            torch.mm(dy.t(), a[rows], out=dw_down[e])
+            da = dy @ w_down[e]  # [n, d_e]
+            dh = torch.empty_like(he)
+            torch.mul(da, F.silu(g), out=dh[:, de:])
+            torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :de])
+            torch.mm(dh.t(), xs[rows], out=dw_gu[e])
+            torch.mm(dh, w_gate_up[e], out=dxs[rows])
         dx = _combine(dxs, pos, T)
         return dx, dw_gu, dw_down, None, d_topk.view(ctx.topk_shape)
 
