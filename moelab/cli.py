@@ -1,4 +1,4 @@
-"""The `moelab` command line: train | plan | presets (more commands arrive with the platform)."""
+"""The `moelab` command line: train | sweep | plan | presets (more commands arrive with the platform)."""
 
 from __future__ import annotations
 
@@ -183,6 +183,85 @@ def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+SWEEP_EXAMPLES = """\
+examples:
+  moelab sweep noise --dry-run                       # a catalogue sweep: the trial table, nothing runs
+  moelab sweep noise                                 # run it on a local Ray (all CPUs), results in results/
+  moelab sweep my_sweep.yaml --storage runs/r1 --max-concurrent 2
+  moelab sweep my_sweep.yaml --storage runs/r1 --resume   # after a crash: finish, skip finished trials
+  moelab sweep noise --wandb                         # also log to W&B (offline unless configured)
+  ray job submit --working-dir . -- moelab sweep my_sweep.yaml --storage s3://bucket/results
+
+The sweep file is validated and expanded before Ray starts (exit 2 naming the bad key). Under `ray job
+submit` (RAY_ADDRESS set) the sweep runs on that cluster, else on a local Ray. Trials run up to
+--max-concurrent at a time (default: as many as the cluster's CPUs/GPUs hold), dense baselines before the
+MoE trials upcycled from them. Results: ROOT/{trials,metrics,experts}/sweep=NAME/*.parquet, read with
+moelab.results.open(ROOT); Ray's state (checkpoints, Tune) under ROOT/_ray/NAME.
+Catalogue: moelab/ablations/catalogue/*.yaml. Exit status: 0 every trial finished or diverged, 1 some
+trial failed, 2 bad sweep file or arguments, 130 interrupted (finish with --resume)."""
+
+
+def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.platform.spec import SpecError, expand, format_trials, load_spec
+
+    try:
+        spec = load_spec(args.sweep)
+        trials = expand(spec)
+    except SpecError as e:
+        print(f"moelab sweep: bad sweep: {e}", file=sys.stderr)
+        return 2
+    if args.max_concurrent is not None and args.max_concurrent < 1:
+        print(f"moelab sweep: --max-concurrent: got {args.max_concurrent}; allowed: >= 1", file=sys.stderr)
+        return 2
+    root = args.storage or spec.storage
+    if args.dry_run:
+        print(format_trials(trials))
+        print(f"storage: {root}")
+        return 0
+    from moelab.platform.controller import SweepError, format_report, run_sweep
+    from moelab.platform.sink import WandbUnavailable
+
+    try:
+        report = run_sweep(spec, storage=root, resume=args.resume, max_concurrent=args.max_concurrent,
+                           wandb=args.wandb)
+    except (SpecError, SweepError, WandbUnavailable) as e:
+        print(f"moelab sweep: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"moelab sweep: interrupted; finish with: moelab sweep {args.sweep} --storage {root} --resume",
+              file=sys.stderr)
+        return 130
+    print(format_report(report))
+    return 0 if report.ok else 1
+
+
+def cmd_fit(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.ablations.report import run_fit, summary_text
+
+    try:
+        analysis, report = run_fit(args.root, sweep=args.sweep, report_path=args.report, n_boot=args.n_boot)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"moelab fit: {e}", file=sys.stderr)
+        return 2
+    print(summary_text(analysis))
+    print(f"fits table: {args.root}/fits/\nreport: {report}")
+    return 0
+
+
+def cmd_dashboard(args: argparse.Namespace, extra: list[str]) -> int:
+    try:
+        from moelab.dashboards import serve
+    except ImportError as e:
+        print(f"moelab dashboard: {e}; install the dashboard extra: pip install 'moelab[dashboard]'", file=sys.stderr)
+        return 2
+    print(f"moelab dashboard: serving {args.root} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
+    try:
+        serve(args.root, host=args.host, port=args.port, refresh_s=args.refresh)
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelab", description="Train, sweep and analyse Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -223,6 +302,42 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
+    sw = sub.add_parser("sweep", help="run a sweep (grid of Ray Train runs) into the results store",
+                        description="Run a sweep file or a catalogue sweep with Ray Tune + Ray Train; "
+                                    "every trial's metrics go to Parquet tables under --storage.",
+                        epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sw.add_argument("sweep", metavar="FILE_OR_CATALOGUE_NAME",
+                    help="a sweep YAML file, or the name of a catalogue sweep (e.g. noise)")
+    sw.add_argument("--dry-run", action="store_true", help="print the trial table (params, FLOPs) and exit")
+    sw.add_argument("--resume", action="store_true",
+                    help="finish a sweep whose controller stopped: finished and diverged trials are not rerun")
+    sw.add_argument("--storage", metavar="ROOT",
+                    help="results root: a directory or a URI such as s3://bucket/prefix (default: the sweep's "
+                         "`storage`)")
+    sw.add_argument("--max-concurrent", type=int, metavar="N",
+                    help="trials at once (default: as many as the cluster's CPUs/GPUs hold)")
+    sw.add_argument("--wandb", action="store_true",
+                    help="also log every trial to Weights & Biases (offline unless W&B is configured; "
+                         "needs pip install 'moelab[wandb]')")
+    sw.set_defaults(func=cmd_sweep)
+    fi = sub.add_parser("fit", help="fit scaling laws and leverage over a results store; write the fits "
+                                     "table and an HTML report",
+                        epilog="examples:\n  moelab fit results/\n  moelab fit results/ --sweep noise --report noise.html",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    fi.add_argument("root", help="the results store (a directory or s3://... URI)")
+    fi.add_argument("--sweep", help="one sweep (default: every sweep in the store, pooled)")
+    fi.add_argument("--report", help="HTML report path (default <root>/reports/fit-<sweep>.html)")
+    fi.add_argument("--n-boot", type=int, default=200, help="bootstrap resamples for the intervals (default 200)")
+    fi.set_defaults(func=cmd_fit)
+    da = sub.add_parser("dashboard", help="serve the web dashboard over a results store (read-only)",
+                        epilog="examples:\n  moelab dashboard results/\n"
+                               "  moelab dashboard s3://bucket/results --host 0.0.0.0 --port 8080",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    da.add_argument("root", help="the results store (a directory or s3://... URI)")
+    da.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    da.add_argument("--port", type=int, default=8050)
+    da.add_argument("--refresh", type=float, default=10.0, help="auto-refresh period in seconds (0 = off)")
+    da.set_defaults(func=cmd_dashboard)
     pr = sub.add_parser("presets", help="list presets with parameter and FLOP counts",
                         epilog="example:\n  moelab presets\n  moelab presets --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -155,12 +155,21 @@ def _init_shared(layer: MoE, gate, up, down, target: ModelConfig) -> None:
 
 
 def load_source(path: str | Path) -> Transformer:
-    """A model from a moelab run directory / checkpoint.pt, or a local Hugging Face directory."""
+    """A model from a moelab run directory / checkpoint.pt, a sharded checkpoint directory (ckpt-<step>/,
+    several ranks or Ray Train workers), or a local Hugging Face directory."""
     p = Path(path)
     if p.is_dir() and (p / "config.json").exists() and not (p / "checkpoint.pt").exists():
         from moelab.trainers.hf import load_hf
 
         return load_hf(p)[1]
+    if p.is_dir() and (p / ".metadata").exists() and (p / "meta.json").exists():  # a sharded DCP checkpoint
+        import torch.distributed.checkpoint as dcp
+
+        model = Transformer(from_dict(ModelConfig, json.loads((p / "meta.json").read_text())["config"]["model"]))
+        state = {"model": model.state_dict()}
+        dcp.load(state, checkpoint_id=str(p), no_dist=True)
+        model.load_state_dict(state["model"])
+        return model
     ckpt = p / "checkpoint.pt" if p.is_dir() else p
     if not ckpt.exists():
         raise FileNotFoundError(f"upcycle.source: {p} holds neither checkpoint.pt nor a Hugging Face config.json")

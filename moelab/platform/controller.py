@@ -1,0 +1,402 @@
+"""The sweep controller: one sweep file in, a grid of Ray Train runs out, every result in the store.
+
+    from moelab.platform.controller import run_sweep
+    report = run_sweep("noise", storage="results/")            # a catalogue name or a sweep file
+    report = run_sweep("noise", storage="results/", resume=True)  # after a crashed controller
+
+How it runs (Ray 2.60, Train V2; see refs.md "Measured on the CPU machines"):
+  * The sweep file is validated and expanded (`spec.expand`) before Ray starts.
+  * Ray Tune runs one trial per sweep trial. A trial is a light driver function (`_trial_driver`, pinned
+    to the head node with a sliver of its `node:__internal_head__` resource, so it takes no CPU) that builds
+    a `TorchTrainer` (`moelab.platform.worker.fit`) with `TuneReportCallback` and calls `fit()`. Trial
+    names are the sweep's trial ids (deterministic); the Ray Train run of a trial is named after it too.
+  * At most `max_concurrent` trials run at once: by default as many as the cluster's CPUs and GPUs hold
+    (`resources.workers` x `cpus_per_worker` / `gpus_per_worker` per trial).
+  * Order: a dependency-aware Tune searcher hands out trials in the spec's order (dense baselines first)
+    and holds back a trial with `depends_on` until its source trial has finished; it then starts with
+    `upcycle.source` = the source's final checkpoint. If the source failed or diverged, the dependent is
+    not run and ends `failed`, naming the source.
+  * Failures, two levels: a dead worker makes Ray Train restart the worker group from the last checkpoint
+    (`worker_retries`, Ray Train's FailureConfig); a trial whose Train run fails for good is retried by
+    Tune (`trial_retries`, Tune's FailureConfig), and since the Train run keeps its name the retry resumes
+    from the same checkpoints. A NaN / inf loss ends the run at once as `diverged` (the worker reports it
+    and returns; nothing retries it) and the sweep goes on.
+  * Resume: `resume=True` reads the store's `trials` table and runs only what is not yet `finished` or
+    `diverged`; a trial that was running when the controller died restarts its Train run under the same
+    name, so Ray Train resumes it from its latest checkpoint; its new rows get a higher `attempt`.
+  * Results: `moelab.platform.sink.StoreSink` writes `trials`, `metrics` and `experts` as trials report.
+
+Storage is one root. Local: the tables and Ray's state (`ROOT/_ray/SWEEP/`: Tune's experiment, each
+trial's Train run with its checkpoints, the workers' run directories) side by side. Object store
+(`s3://bucket/prefix?...`): the tables and Ray's state (Tune experiment, Train checkpoints) under the same
+prefix through the same pyarrow filesystem, so any node can read them; only the workers' scratch run
+directories (metrics.jsonl, checkpoints being written) stay on the local disk of their node, under
+`$TMPDIR/moelab-runs/SWEEP/TRIAL`.
+
+Test hooks (fault injection; environment of the controller, forwarded to the chosen trials only):
+  * `MOELAB_FAULT_NAN_AT_STEP=N` + `MOELAB_FAULT_NAN_TRIAL=SUBSTRING`: step N's loss becomes NaN in every
+    trial whose id contains SUBSTRING (without the selector: in every trial).
+  * `MOELAB_FAULT_AT_STEP=N` + `MOELAB_FAULT_TRIAL=SUBSTRING`: one worker of the chosen trials exits hard
+    after logged step N, once per trial (see `moelab.platform.worker`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs as pafs
+
+from moelab.platform.spec import SpecError, SweepSpec, Trial, expand, load_spec
+from moelab.platform.store import Store, list_files, resolve_root
+from moelab.trainers.config import RunConfig, from_dict, to_dict
+
+__all__ = ["run_sweep", "SweepError", "SweepReport", "max_concurrent_trials", "trial_env", "RAY_DIR",
+           "FAULT_TRIAL_ENV", "FAULT_NAN_TRIAL_ENV", "DONE"]
+
+RAY_DIR = "_ray"  # ROOT/_ray/SWEEP: Ray's state (readers of the tables never look here)
+HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has 1.0 of it
+DRIVER_SHARE = 0.001  # of HEAD_RESOURCE per trial driver: pinned to the head, no CPU taken
+DONE = ("finished", "diverged")  # statuses a resumed sweep does not run again
+FAULT_TRIAL_ENV = "MOELAB_FAULT_TRIAL"  # selects the trials MOELAB_FAULT_AT_STEP applies to
+FAULT_NAN_TRIAL_ENV = "MOELAB_FAULT_NAN_TRIAL"  # selects the trials MOELAB_FAULT_NAN_AT_STEP applies to
+_FAULT_VARS = {FAULT_TRIAL_ENV: ("MOELAB_FAULT_AT_STEP", "MOELAB_FAULT_RANK"),
+               FAULT_NAN_TRIAL_ENV: ("MOELAB_FAULT_NAN_AT_STEP",)}
+
+
+class SweepError(RuntimeError):
+    """The sweep cannot start (existing results without --resume, a cluster too small, ...)."""
+
+
+@dataclass
+class SweepReport:
+    sweep: str
+    root: str
+    status: dict[str, str]  # trial_id -> final status
+    ran: list[str]  # trial ids run (or attempted) by this call
+    skipped: list[str]  # already finished / diverged (resume)
+    max_concurrent: int
+    wall_s: float
+    rows: list[dict[str, Any]] = field(default_factory=list)  # the trials rows, in run order
+
+    @property
+    def ok(self) -> bool:
+        """No trial failed (diverged is an outcome of the experiment, not a failure of the platform)."""
+        return all(s in DONE for s in self.status.values())
+
+    def counts(self) -> dict[str, int]:
+        out: dict[str, int] = {}
+        for s in self.status.values():
+            out[s] = out.get(s, 0) + 1
+        return out
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces the trial drivers need
+
+
+@dataclass
+class _Context:
+    """What every trial driver shares (sent once through the object store by tune.with_parameters)."""
+
+    sweep: str
+    filesystem: pafs.FileSystem | None  # None: local paths
+    train_path: str  # Ray Train storage_path: ROOT/_ray/SWEEP/train
+    scratch: str | None  # None: workers write under the Train run directory (local root)
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    worker_retries: int
+    ray_env: dict[str, str]  # RAY_TRAIN_* settings for the Train controller actor
+
+
+def _trial_driver(config: dict[str, Any], ctx: _Context) -> None:
+    """One Tune trial: a Ray Train run of the trial's config (resumes by name if it ran before)."""
+    from ray.tune.integration.ray_train import TuneReportCallback
+
+    from moelab.platform.worker import fit
+
+    os.environ.update(ctx.ray_env)  # TorchTrainer passes RAY_TRAIN_* on to its controller actor
+    rc = from_dict(RunConfig, config["run"]).validate()
+    tid = config["trial_id"]
+    run_dir = (os.path.join(ctx.scratch, ctx.sweep, tid) if ctx.scratch
+               else os.path.join(ctx.train_path, tid, "run"))
+    fit(rc, storage_path=ctx.train_path, storage_filesystem=ctx.filesystem, name=tid, num_workers=ctx.workers,
+        use_gpu=ctx.gpus_per_worker > 0, cpus_per_worker=ctx.cpus_per_worker,
+        gpus_per_worker=ctx.gpus_per_worker, max_failures=ctx.worker_retries, out_dir=run_dir,
+        callbacks=[TuneReportCallback()], env=config["env"], upcycle_checkpoint=config.get("upcycle_checkpoint"))
+
+
+def _trial_name(trial: Any) -> str:
+    return trial.config["trial_id"]
+
+
+def trial_env(trial_id: str, environ: dict[str, str] | None = None) -> dict[str, str]:
+    """The MOELAB_* variables the workers of `trial_id` get: all of the controller's, except fault hooks
+    whose selector (MOELAB_FAULT_TRIAL / MOELAB_FAULT_NAN_TRIAL) names other trials."""
+    env = {k: v for k, v in (os.environ if environ is None else environ).items() if k.startswith("MOELAB_")}
+    for selector, hooks in _FAULT_VARS.items():
+        wanted = env.pop(selector, None)
+        if wanted is not None and wanted not in trial_id:
+            for k in hooks:
+                env.pop(k, None)
+    return env
+
+
+def max_concurrent_trials(spec: SweepSpec, cluster: dict[str, float], n_trials: int) -> int:
+    """How many trials the cluster runs at once: whole trials (workers x CPUs / GPUs each) that fit."""
+    r = spec.resources
+    cpu, gpu = r.workers * r.cpus_per_worker, r.workers * r.gpus_per_worker
+    fits = []
+    if cpu > 0:
+        fits.append(math.floor(cluster.get("CPU", 0.0) / cpu + 1e-9))
+    if gpu > 0:
+        fits.append(math.floor(cluster.get("GPU", 0.0) / gpu + 1e-9))
+    n = min(fits) if fits else n_trials
+    if n < 1:
+        raise SweepError(f"resources: one trial needs {cpu:g} CPUs and {gpu:g} GPUs ({r.workers} workers x "
+                         f"{r.cpus_per_worker:g} CPUs, {r.gpus_per_worker:g} GPUs); the Ray cluster has "
+                         f"{cluster.get('CPU', 0):g} CPUs and {cluster.get('GPU', 0):g} GPUs. Lower "
+                         f"resources.*, or pass --max-concurrent N on an autoscaling cluster")
+    return max(1, min(n, n_trials))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Dependency-aware trial order
+
+
+def _unavailable(name: str) -> None:
+    """What a pickled driver-only object (searcher, sinks) unpickles to: nothing."""
+    return None
+
+
+def _make_searcher(queue: list[dict[str, Any]], status: dict[str, str], checkpoints: dict[str, str],
+                   on_blocked: Callable[[str, str, str], None]):
+    from ray.tune.search import Searcher
+
+    class DependencyOrder(Searcher):
+        """Hands out trial configs in run order; a trial with `depends_on` waits until its source has
+        finished (None = "nothing ready now, ask again"); one whose source failed is dropped (on_blocked)."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.queue = list(queue)
+
+        def set_search_properties(self, metric, mode, config, **spec) -> bool:
+            return True
+
+        def suggest(self, trial_id: str):
+            for i, cfg in enumerate(self.queue):
+                dep = cfg["depends_on"]
+                if dep is not None and status.get(dep) in ("failed", "diverged"):
+                    continue
+                if dep is None or status.get(dep) == "finished":
+                    del self.queue[i]
+                    if dep is not None:
+                        cfg = {**cfg, "upcycle_checkpoint": checkpoints[dep]}
+                    return cfg
+            blocked = [c for c in self.queue if status.get(c["depends_on"]) in ("failed", "diverged")]
+            for c in blocked:
+                self.queue.remove(c)
+                on_blocked(c["trial_id"], c["depends_on"], status[c["depends_on"]])
+            return Searcher.FINISHED if not self.queue else None
+
+        def on_trial_complete(self, trial_id: str, result=None, error: bool = False) -> None:
+            pass  # the sink's on_done has recorded the outcome in `status`
+
+        def save(self, checkpoint_path: str) -> None:  # Tune saves searcher state; a resume uses the store
+            Path(checkpoint_path).write_text(json.dumps([c["trial_id"] for c in self.queue]))
+
+        def restore(self, checkpoint_path: str) -> None:
+            pass
+
+        def __reduce__(self):
+            # Tune pickles its search algorithm into the experiment state; this one lives only in its
+            # driver (a resumed sweep rebuilds it from the store), so what is pickled is a placeholder.
+            return (_unavailable, ("DependencyOrder",))
+
+    return DependencyOrder()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The sweep
+
+
+def _storage(root: str, sweep: str) -> tuple[pafs.FileSystem | None, str, str | None]:
+    """(filesystem for Ray or None when local, Ray's path ROOT/_ray/SWEEP, scratch dir for workers or None)."""
+    fs, path = resolve_root(root)
+    ray_path = f"{path}/{RAY_DIR}/{sweep}"
+    if isinstance(fs, pafs.LocalFileSystem):
+        return None, ray_path, None
+    return fs, ray_path, os.path.join(tempfile.gettempdir(), "moelab-runs")
+
+
+def _exists(fs: pafs.FileSystem | None, path: str) -> bool:
+    fs = fs or pafs.LocalFileSystem()
+    return fs.get_file_info(path).type != pafs.FileType.NotFound
+
+
+def _init_ray(log: Callable[[str], None]) -> bool:
+    """Connect to the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; True if
+    this call started it."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
+        log(f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}")
+        return False
+    ray.init(log_to_driver=False, include_dashboard=False)
+    return True
+
+
+def format_report(report: SweepReport) -> str:
+    """The table `moelab sweep` prints at the end: one line per trial, then counts."""
+    head = ["trial_id", "status", "attempt", "final_loss", "eval_loss", "error"]
+    rows = []
+    for r in report.rows:
+        fl, el = r.get("final_loss"), r.get("final_eval_loss")
+        err = (r.get("error") or "").strip().splitlines()
+        rows.append([r["trial_id"], r.get("status") or "?", str(r.get("attempt") or 0),
+                     f"{fl:.4f}" if isinstance(fl, float) else "-", f"{el:.4f}" if isinstance(el, float) else "-",
+                     (err[-1][:70] if err else "")])
+    widths = [max(len(x[i]) for x in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *rows]]
+    counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
+    lines.append(f"sweep {report.sweep}: {len(report.status)} trials ({counts}); ran {len(report.ran)}, "
+                 f"skipped {len(report.skipped)} already done; {report.wall_s:.1f} s; results in {report.root}")
+    return "\n".join(lines)
+
+
+def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None, resume: bool = False,
+              max_concurrent: int | None = None, wandb: bool = False, worker_retries: int = 1,
+              trial_retries: int = 1, log: Callable[[str], None] | None = None) -> SweepReport:
+    """Run (or, with resume=True, finish) a sweep; returns its report. Raises SpecError for a bad sweep
+    (before Ray starts), SweepError when it cannot start, WandbUnavailable for wandb=True without wandb.
+
+    storage: the root (default the spec's `storage`); max_concurrent: trials at once (default: what the
+    cluster holds); worker_retries: restarts of a trial's worker group (Ray Train); trial_retries: reruns
+    of a trial whose Train run failed (Tune); log: progress lines (default: print to stderr).
+    """
+    t0 = time.time()
+    if wandb:
+        from moelab.platform.sink import require_wandb
+
+        require_wandb()
+    say = log or (lambda msg: print(f"[moelab sweep] {msg}", file=sys.stderr, flush=True))
+    if not isinstance(spec, SweepSpec):
+        spec = load_spec(spec)
+    trials = expand(spec)  # every trial validated before Ray starts
+    by_id: dict[str, Trial] = {t.trial_id: t for t in trials}
+    root = storage or spec.storage
+    if max_concurrent is not None and max_concurrent < 1:
+        raise SpecError(f"--max-concurrent: got {max_concurrent}; allowed: >= 1")
+
+    store = Store(root)
+    ray_fs, ray_path, scratch = _storage(root, spec.name)
+    stored = {tid: row for tid in by_id if (row := store.read_trial(spec.name, tid)) is not None}
+    n_rows = len(list_files(store.fs, store.root, "trials", [spec.name]))
+    if not resume and (n_rows or _exists(ray_fs, ray_path)):
+        raise SweepError(f"sweep {spec.name!r} already has results in {root} ({n_rows} trial rows); "
+                         f"finish it with --resume, or pick another --storage (or delete "
+                         f"{root.rstrip('/')}/{{trials,metrics,experts}}/sweep={spec.name} and "
+                         f"{root.rstrip('/')}/{RAY_DIR}/{spec.name})")
+    status = {tid: row.get("status") or "pending" for tid, row in stored.items()}
+    checkpoints = {tid: row["checkpoint"] for tid, row in stored.items() if row.get("checkpoint")}
+    skipped = [t.trial_id for t in trials if status.get(t.trial_id) in DONE]
+    todo = [t for t in trials if t.trial_id not in skipped]
+    start_attempt = {}
+    for t in todo:
+        old = stored.get(t.trial_id)
+        start_attempt[t.trial_id] = 0 if old is None else (
+            int(old.get("attempt") or 0) + (0 if old.get("status") == "pending" else 1))
+        status[t.trial_id] = "pending"
+        store.write_trial({**t.row(), "attempt": start_attempt[t.trial_id]})
+    if skipped:
+        names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
+        say(f"resume: {len(skipped)} trials already done ({names}), {len(todo)} to run")
+    report = SweepReport(sweep=spec.name, root=str(root), status={}, ran=[t.trial_id for t in todo],
+                         skipped=skipped, max_concurrent=0, wall_s=0.0)
+    started_ray = False
+    try:
+        if todo:
+            started_ray = _init_ray(say)
+            report.max_concurrent = _tune(spec, todo, by_id, store, status, checkpoints, start_attempt,
+                                          ray_fs, ray_path, scratch, max_concurrent, wandb, worker_retries,
+                                          trial_retries, say)
+    finally:
+        store.flush()
+        if started_ray:
+            import ray
+
+            ray.shutdown()
+    report.rows = [store.read_trial(spec.name, t.trial_id) or t.row() for t in trials]
+    report.status = {r["trial_id"]: r.get("status") or "pending" for r in report.rows}
+    report.wall_s = time.time() - t0
+    return report
+
+
+def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: Store, status: dict[str, str],
+          checkpoints: dict[str, str], start_attempt: dict[str, int], ray_fs: pafs.FileSystem | None,
+          ray_path: str, scratch: str | None, max_concurrent: int | None, use_wandb: bool, worker_retries: int,
+          trial_retries: int, say: Callable[[str], None]) -> int:
+    import ray
+    from ray import tune
+
+    from moelab.platform.sink import StoreSink, WandbSink
+
+    n = max_concurrent or max_concurrent_trials(spec, ray.cluster_resources(), len(todo))
+    r = spec.resources
+    say(f"sweep {spec.name}: {len(todo)} trials, up to {n} at a time ({r.workers} worker(s) x "
+        f"{r.cpus_per_worker:g} CPU{f', {r.gpus_per_worker:g} GPU' if r.gpus_per_worker else ''} each); "
+        f"results in {store.uri}")
+
+    def on_done(tid: str, row: dict[str, Any]) -> None:
+        status[tid] = row.get("status") or "failed"
+        if row.get("checkpoint"):
+            checkpoints[tid] = row["checkpoint"]
+
+    def on_blocked(tid: str, dep: str, dep_status: str) -> None:
+        status[tid] = "failed"
+        store.update_trial(spec.name, tid, status="failed",
+                           error=f"not run: its upcycle source {dep} ended {dep_status}")
+        say(f"{tid}: not run (its source {dep} ended {dep_status})")
+
+    queue = [{"trial_id": t.trial_id, "depends_on": t.depends_on, "run": to_dict(t.config),
+              "env": trial_env(t.trial_id)} for t in todo]
+    sink = StoreSink(store, spec.name, {t.trial_id: t.steps for t in todo}, start_attempt=start_attempt,
+                     on_done=on_done, log=say)
+    callbacks: list[Any] = [sink]
+    if use_wandb:
+        callbacks.append(WandbSink(spec.name, {t.trial_id: t.row() for t in todo}))
+    ctx = _Context(sweep=spec.name, filesystem=ray_fs, train_path=f"{ray_path}/train", scratch=scratch,
+                   workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
+                   worker_retries=worker_retries,
+                   ray_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
+    trainable = tune.with_resources(tune.with_parameters(_trial_driver, ctx=ctx), {HEAD_RESOURCE: DRIVER_SHARE})
+    tuner = tune.Tuner(
+        trainable,
+        tune_config=tune.TuneConfig(search_alg=_make_searcher(queue, status, checkpoints, on_blocked),
+                                    num_samples=len(queue), max_concurrent_trials=n, reuse_actors=True,
+                                    trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
+        run_config=tune.RunConfig(name="tune", storage_path=ray_path, storage_filesystem=ray_fs,
+                                  callbacks=callbacks, verbose=0,
+                                  failure_config=tune.FailureConfig(max_failures=trial_retries)),
+    )
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables on the console
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard copies: the store has it
+    import logging
+
+    # Tune's end-of-run analysis looks for its own result files, which the disabled loggers did not write.
+    logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
+    tuner.fit()
+    return n

@@ -1,0 +1,322 @@
+"""The sweep controller on the session's local Ray (2 CPUs): a 2-axis x 2-seed grid with a dense baseline,
+one worker killed mid-trial and one NaN-injected trial (one sweep, read by several tests); a controller
+killed mid-sweep and resumed; the pieces that need no Ray (concurrency, fault selectors, W&B sink).
+
+The grid runs with worker_retries=0, so the killed worker fails its Ray Train run and the trial is rerun by
+Tune (the driver-level retry), resuming its Train run from the checkpoint by name. The worker-level restart
+(Ray Train's own FailureConfig, `worker_retries` >= 1, the default) is tested in test_worker.py."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+import moelab.results as mr
+from moelab.platform.controller import (FAULT_NAN_TRIAL_ENV, FAULT_TRIAL_ENV, RAY_DIR, SweepError,
+                                        format_report, max_concurrent_trials, run_sweep, trial_env)
+from moelab.platform.spec import expand, load_spec, parse_spec
+from moelab.platform.store import Store
+from moelab.platform.worker import FAULT_ENV, FAULT_MARKER
+from moelab.trainers.loop import FAULT_NAN_ENV
+
+# Tiny trials: 6 steps of 4 x 16 tokens, a row every 2 steps, a checkpoint every 2 steps.
+TINY = {"data.source": "synthetic", "train.steps": 6, "train.batch_size": 4, "train.seq_len": 16,
+        "train.log_every": 2, "train.ckpt_every": 2, "train.eval_every": 0}
+LOGGED = [2, 4, 6]
+RESOURCES = {"workers": 1, "cpus_per_worker": 0.5}  # on 2 CPUs: see refs.md
+FAST_POLL = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}  # Ray Train's controller polls workers faster
+
+
+def write_spec(path: Path, doc: dict) -> Path:
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))  # axis order names the trials
+    return path
+
+
+def grid_doc(name: str) -> dict:
+    return {"name": name, "common": TINY, "baselines": [{"preset": "tiny", "seeds": [0]}],
+            "base": {"preset": "moe-tiny"},
+            "axes": {"upcycle_from": [None, "tiny"], "model.moe.top_k": [1, 2]},
+            "seeds": [0, 1], "resources": RESOURCES}
+
+
+def blank(value) -> bool:
+    """None, NaN (a null in a pandas column) or ""."""
+    return value is None or value == "" or (isinstance(value, float) and value != value)
+
+
+def trial_rows(root, sweep):
+    return {r["trial_id"]: r for r in mr.open(root).trials(sweep).to_dict("records")}
+
+
+def steps_by_trial(root, sweep):
+    m = mr.open(root).metrics(sweep)
+    return {tid: list(g["step"]) for tid, g in m.groupby("trial_id")}, m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# One sweep, several tests
+
+
+NAN_TRIAL = "moe-scratch-top_k1-s1"  # diverges at its 4th step
+KILL_TRIAL = "moe-from-tiny-top_k2-s0"  # loses a worker after logged step 4 (checkpoint 4), resumes there
+
+
+@pytest.fixture(scope="module")
+def grid(ray_local, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("grid")
+    spec = load_spec(write_spec(tmp / "grid.yaml", grid_doc("grid")))
+    root = str(tmp / "results")
+    env = {**FAST_POLL, FAULT_NAN_ENV: "3", FAULT_NAN_TRIAL_ENV: NAN_TRIAL, FAULT_ENV: "4", FAULT_TRIAL_ENV: KILL_TRIAL}
+    lines: list[str] = []
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in env.items():
+            mp.setenv(k, v)
+        t0 = time.time()
+        report = run_sweep(spec, storage=root, max_concurrent=2, worker_retries=0, trial_retries=1,
+                           log=lambda m: lines.append(f"{time.time() - t0:.1f} {m}"))
+    print("\n".join(lines))
+    print(format_report(report))
+    trials = expand(spec)
+    ids = {t.trial_id: t for t in trials}
+    pick = lambda prefix: next(t for t in ids if t.startswith(prefix))  # noqa: E731
+    return SimpleNamespace(report=report, root=root, trials=trials, ids=ids, lines=lines,
+                           nan=pick(NAN_TRIAL), killed=pick(KILL_TRIAL))
+
+
+def test_grid_has_one_trials_row_per_trial_and_the_expected_statuses(grid):
+    assert len(grid.trials) == 9  # 1 baseline + 2 x 2 axis values x 2 seeds
+    rows = trial_rows(grid.root, "grid")
+    assert set(rows) == set(grid.ids)
+    assert len(mr.open(grid.root).trials("grid")) == 9
+    expected = {tid: ("diverged" if tid == grid.nan else "finished") for tid in grid.ids}
+    assert {tid: r["status"] for tid, r in rows.items()} == expected
+    assert grid.report.status == expected and grid.report.ok  # diverged is an outcome, not a failure
+    for tid, r in rows.items():
+        if r["status"] == "finished":
+            assert r["final_step"] == 6 and r["final_loss"] > 0 and r["final_eval_loss"] > 0, tid
+            assert blank(r["error"]), tid
+            ckpt = Path(r["checkpoint"])
+            assert ckpt.name == "checkpoint-00000006" and (ckpt / "checkpoint.pt").is_file(), tid
+        t = grid.ids[tid]
+        assert r["family"] == t.family and r["seed"] == t.seed and r["params_total"] == t.params_total
+
+
+def test_every_logged_step_is_stored_once(grid):
+    steps, m = steps_by_trial(grid.root, "grid")
+    for tid in grid.ids:
+        want = LOGGED[:1] if tid == grid.nan else LOGGED
+        assert steps[tid] == want, tid
+    assert not m.duplicated(["trial_id", "step"]).any()
+    assert m["loss"].notna().all() and m["tokens"].tolist() == [s * 64 for s in m["step"]]
+    # Finished trials were compacted into one file per table.
+    files = os.listdir(Path(grid.root) / "metrics" / "sweep=grid")
+    assert sorted(f.split(".")[0] for f in files) == sorted(grid.ids)
+
+
+def test_expert_rows_per_step_layer_and_expert(grid):
+    e = mr.open(grid.root).experts("grid")
+    for tid, t in grid.ids.items():
+        rows = e[e.trial_id == tid]
+        if t.family == "dense":
+            assert rows.empty
+            continue
+        n_layers, n_experts = t.config.model.n_layers, t.config.model.moe.n_experts
+        want = LOGGED[:1] if tid == grid.nan else LOGGED
+        assert len(rows) == len(want) * n_layers * n_experts, tid
+        assert not rows.duplicated(["step", "layer", "expert"]).any()
+        assert sorted(rows.step.unique()) == want
+        sums = rows.groupby(["step", "layer"])["load"].sum()
+        assert sums.to_numpy() == pytest.approx(1.0, abs=1e-4)
+
+
+def test_upcycled_trials_start_after_their_baseline_from_its_final_checkpoint(grid):
+    rows = trial_rows(grid.root, "grid")
+    base = next(t for t in grid.ids.values() if t.family == "dense").trial_id
+    finished_at = next(float(l.split()[0]) for l in grid.lines if l.split()[1] == f"{base}:" and "finished" in l)
+    dependents = [t for t in grid.ids.values() if t.depends_on == base]
+    assert len(dependents) == 4  # seeds 0 and 1 both upcycle from the seed-0 baseline
+    for t in dependents:
+        started = next(float(l.split()[0]) for l in grid.lines if l.split()[1] == f"{t.trial_id}:" and "running" in l)
+        assert started >= finished_at, t.trial_id
+        assert rows[t.trial_id]["upcycle.source"] == rows[base]["checkpoint"]
+    for t in grid.ids.values():
+        if t.family == "moe" and t.depends_on is None:
+            assert blank(rows[t.trial_id]["upcycle.source"])
+
+
+def test_killed_worker_resumes_from_its_checkpoint_without_missing_or_duplicate_steps(grid):
+    run_dir = Path(grid.root) / RAY_DIR / "grid" / "train" / grid.killed / "run"
+    assert (run_dir / FAULT_MARKER).exists()  # the fault happened
+    others = [tid for tid in grid.ids if tid not in (grid.killed,)]
+    assert not any((Path(grid.root) / RAY_DIR / "grid" / "train" / t / "run" / FAULT_MARKER).exists() for t in others)
+    _, m = steps_by_trial(grid.root, "grid")
+    rows = m[m.trial_id == grid.killed]
+    assert rows.step.tolist() == LOGGED
+    # Attempt 1 resumed from checkpoint 4 (or 2, had Ray not registered 4 yet): it re-sent the rows up to its
+    # checkpoint and computed the rest; readers keep attempt 1's rows.
+    assert rows.attempt.tolist() in ([0, 1, 1], [1, 1, 1])
+    raw = pq.read_table(Path(grid.root) / "metrics" / "sweep=grid").to_pandas()
+    assert raw[raw.trial_id == grid.killed].step.tolist().count(6) == 1
+    assert trial_rows(grid.root, "grid")[grid.killed]["attempt"] == 1
+    assert any(grid.killed in l and "failed, retrying" in l for l in grid.lines)  # Tune reran the trial
+    assert any(grid.killed in l and "resumed from" in l for l in grid.lines)  # from its Train checkpoint
+
+
+def test_nan_trial_is_diverged_and_not_retried(grid):
+    row = trial_rows(grid.root, "grid")[grid.nan]
+    assert row["status"] == "diverged" and "diverged at step 3" in row["error"]
+    assert row["attempt"] == 0 and row["final_step"] == 2
+    run_dir = Path(grid.root) / RAY_DIR / "grid" / "train" / grid.nan / "run"
+    assert sorted(p.name for p in run_dir.glob("attempt-*")) == ["attempt-0"]  # one start: no retry
+
+
+def test_a_second_run_without_resume_is_refused(grid):
+    spec = parse_spec(grid_doc("grid"))
+    with pytest.raises(SweepError, match="--resume"):
+        run_sweep(spec, storage=grid.root)
+
+
+def test_resuming_a_finished_sweep_runs_nothing(grid):
+    before = trial_rows(grid.root, "grid")
+    report = run_sweep(parse_spec(grid_doc("grid")), storage=grid.root, resume=True, log=lambda m: None)
+    assert report.ran == [] and sorted(report.skipped) == sorted(grid.ids)
+    after = trial_rows(grid.root, "grid")
+    assert {t: r["updated_at"] for t, r in after.items()} == {t: r["updated_at"] for t, r in before.items()}
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# A crashed controller
+
+
+def test_killed_controller_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
+    doc = {"name": "crash", "common": {**TINY, "train.steps": 10}, "baselines": [{"preset": "tiny"}],
+           "base": {"preset": "moe-tiny", "upcycle_from": "tiny"}, "axes": {"model.moe.top_k": [1, 2]},
+           "seeds": [0], "resources": RESOURCES}
+    path = write_spec(tmp_path / "crash.yaml", doc)
+    trials = expand(load_spec(path))
+    base, deps = trials[0].trial_id, [t.trial_id for t in trials[1:]]
+    root = tmp_path / "results"
+    env = {**os.environ, **FAST_POLL, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
+    log = open(tmp_path / "controller.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", "sweep", str(path), "--storage", str(root),
+                             "--max-concurrent", "2"], env=env, stdout=log, stderr=subprocess.STDOUT,
+                            start_new_session=True)
+    store = Store(root)
+    try:
+        deadline = time.time() + 150
+        while time.time() < deadline and proc.poll() is None:
+            base_row = store.read_trial("crash", base)
+            files = list((root / "metrics" / "sweep=crash").glob(f"{deps[0]}.*")) + \
+                list((root / "metrics" / "sweep=crash").glob(f"{deps[1]}.*"))
+            if base_row and base_row["status"] == "finished" and files:
+                break  # the baseline is done and a dependent is part-way (it flushed a checkpoint's rows)
+            time.sleep(0.25)
+        assert proc.poll() is None, (tmp_path / "controller.log").read_text()[-3000:]
+        os.killpg(proc.pid, signal.SIGKILL)  # the controller (and nothing else) dies at once
+        proc.wait(30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        log.close()
+    killed_at = {t: (store.read_trial("crash", t) or {}).get("status") for t in [base, *deps]}
+    had_rows = {t for t in deps if list((root / "metrics" / "sweep=crash").glob(f"{t}.*"))}
+    assert killed_at[base] == "finished" and "running" in killed_at.values(), killed_at
+    base_updated = store.read_trial("crash", base)["updated_at"]
+    base_run = root / RAY_DIR / "crash" / "train" / base / "run"
+    assert sorted(p.name for p in base_run.glob("attempt-*")) == ["attempt-0"]
+
+    with pytest.MonkeyPatch.context() as mp:
+        for k, v in FAST_POLL.items():
+            mp.setenv(k, v)
+        report = run_sweep(load_spec(path), storage=str(root), resume=True, max_concurrent=2, log=print)
+    print(format_report(report))
+    assert report.skipped == [base] and sorted(report.ran) == sorted(t for t in deps if killed_at[t] != "finished")
+    assert report.status == {t: "finished" for t in [base, *deps]}
+    # The baseline did not run again: same row, one start of its Train run.
+    assert store.read_trial("crash", base)["updated_at"] == base_updated
+    assert sorted(p.name for p in base_run.glob("attempt-*")) == ["attempt-0"]
+    steps, m = steps_by_trial(root, "crash")
+    assert steps == {t: [2, 4, 6, 8, 10] for t in [base, *deps]}
+    resumed = [t for t in deps if killed_at[t] == "running" and t in had_rows]
+    assert resumed  # at least one trial was cut mid-run (it had stored the rows of a checkpoint)
+    for t in resumed:  # its Train run (same name) resumed from its latest checkpoint; new rows, new attempt
+        row = store.read_trial("crash", t)
+        assert row["attempt"] == 1 and m[m.trial_id == t].attempt.max() == 1
+        run_dir = root / RAY_DIR / "crash" / "train" / t / "run"
+        assert sorted(p.name for p in run_dir.glob("attempt-*")) == ["attempt-0", "attempt-1"]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pieces without Ray
+
+
+def test_max_concurrent_trials_from_the_cluster_resources():
+    spec = parse_spec({"name": "c", "base": {"preset": "tiny"}, "resources": {"workers": 2, "cpus_per_worker": 1}})
+    assert max_concurrent_trials(spec, {"CPU": 8.0}, 10) == 4
+    assert max_concurrent_trials(spec, {"CPU": 8.0}, 3) == 3  # no more than there are trials
+    assert max_concurrent_trials(spec, {"CPU": 3.0}, 10) == 1
+    gpu = parse_spec({"name": "g", "base": {"preset": "tiny"},
+                      "resources": {"workers": 2, "cpus_per_worker": 4, "gpus_per_worker": 1}})
+    assert max_concurrent_trials(gpu, {"CPU": 64.0, "GPU": 8.0}, 10) == 4  # GPUs bind first
+    big = parse_spec({"name": "b", "base": {"preset": "tiny"}, "resources": {"workers": 4}})
+    with pytest.raises(SweepError, match="needs 4 CPUs"):
+        max_concurrent_trials(big, {"CPU": 2.0}, 10)
+
+
+def test_fault_hooks_reach_only_the_selected_trials():
+    environ = {FAULT_NAN_ENV: "3", FAULT_NAN_TRIAL_ENV: "top_k1-s1", FAULT_ENV: "4", FAULT_TRIAL_ENV: "from-tiny",
+               "MOELAB_OTHER": "x", "HOME": "/root"}
+    assert trial_env("moe-scratch-top_k1-s1-abc", environ) == {FAULT_NAN_ENV: "3", "MOELAB_OTHER": "x"}
+    assert trial_env("moe-from-tiny-top_k2-s0-abc", environ) == {FAULT_ENV: "4", "MOELAB_OTHER": "x"}
+    assert trial_env("tiny-s0-abc", {FAULT_NAN_ENV: "3"}) == {FAULT_NAN_ENV: "3"}  # no selector: every trial
+
+
+def test_wandb_sink_logs_each_trial_offline(tmp_path, monkeypatch):
+    import wandb  # noqa: F401  (dev extra)
+    from moelab.platform.sink import WandbSink, wandb_mode
+
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc: not configured
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    assert wandb_mode() == "offline"
+    trial = SimpleNamespace(config={"trial_id": "t-s0-abc"})
+    sink = WandbSink("sw", {"t-s0-abc": {"trial_id": "t-s0-abc", "model.d_model": 64}})
+    sink.on_trial_start(0, [], trial)
+    for step in (2, 4, 2, 6):  # a repeated step (a restart) is not logged twice
+        sink.on_trial_result(0, [], trial, {"step": step, "loss": 5.0 - step / 10, "expert_load": [[0.5, 0.5]]})
+    sink.on_trial_complete(0, [], trial)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+    assert sink.last_step == {"t-s0-abc": 6}
+
+
+def test_trials_are_handed_out_in_order_and_dependents_wait_for_their_source():
+    from ray.tune.search import Searcher
+
+    from moelab.platform.controller import _make_searcher
+
+    queue = [{"trial_id": "base-a", "depends_on": None}, {"trial_id": "base-b", "depends_on": None},
+             {"trial_id": "moe-a", "depends_on": "base-a"}, {"trial_id": "moe-b", "depends_on": "base-b"},
+             {"trial_id": "moe-x", "depends_on": None}]
+    status = {q["trial_id"]: "pending" for q in queue}
+    checkpoints: dict[str, str] = {}
+    blocked = []
+    s = _make_searcher(queue, status, checkpoints, lambda tid, dep, st: blocked.append((tid, dep, st)))
+    take = lambda: s.suggest("tune-id")  # noqa: E731
+    assert [take()["trial_id"] for _ in range(3)] == ["base-a", "base-b", "moe-x"]  # moe-a/b wait
+    assert take() is None  # nothing ready: Tune asks again later
+    status["base-a"], checkpoints["base-a"] = "finished", "/ckpt/a"
+    status["base-b"] = "diverged"
+    got = take()
+    assert got["trial_id"] == "moe-a" and got["upcycle_checkpoint"] == "/ckpt/a"
+    assert take() == Searcher.FINISHED and blocked == [("moe-b", "base-b", "diverged")]
