@@ -30,8 +30,15 @@ browser:
 test: install browser
 	$(BIN)/python -m pytest tests
 
+# The demo: one moe-tiny run (seconds, no Ray), then the leverage demo: sweep (local Ray) -> fits + report ->
+# dashboard. A rerun reuses what finished (--resume); a failed trial (exit 1) still gets fitted and shown;
+# Ctrl-C stops the sweep (and its Ray) or the dashboard.
+DEMO_ROOT ?= results
 demo: install
 	$(BIN)/moelab train --preset moe-tiny --steps 300 --out runs/demo-moe-tiny --resume
+	$(BIN)/moelab sweep leverage-demo --storage $(DEMO_ROOT) --resume; test $$? -le 1
+	$(BIN)/moelab fit $(DEMO_ROOT) --sweep leverage-demo
+	$(BIN)/moelab dashboard $(DEMO_ROOT)
 
 bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/moe_experts_cpu.py
@@ -48,4 +55,4 @@ compile-check: install
 	$(BIN)/python -m moelab.kernels.bench --compile-check 90
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache  # results/ (the demo's store) is kept: delete it by hand

@@ -8,6 +8,8 @@ import os
 import sys
 from typing import Any
 
+import yaml
+
 TRAIN_EXAMPLES = """\
 examples:
   moelab train --preset moe-tiny --steps 200
@@ -190,22 +192,38 @@ examples:
   moelab sweep my_sweep.yaml --storage runs/r1 --max-concurrent 2
   moelab sweep my_sweep.yaml --storage runs/r1 --resume   # after a crash: finish, skip finished trials
   moelab sweep noise --wandb                         # also log to W&B (offline unless configured)
+  moelab sweep leverage-demo --set train.steps=100 --seeds 0   # a quicker look: fewer steps, one seed
   ray job submit --working-dir . -- moelab sweep my_sweep.yaml --storage s3://bucket/results
 
 The sweep file is validated and expanded before Ray starts (exit 2 naming the bad key). Under `ray job
 submit` (RAY_ADDRESS set) the sweep runs on that cluster, else on a local Ray. Trials run up to
 --max-concurrent at a time (default: as many as the cluster's CPUs/GPUs hold), dense baselines before the
-MoE trials upcycled from them. Results: ROOT/{trials,metrics,experts}/sweep=NAME/*.parquet, read with
+MoE trials upcycled from them. Results: ROOT/{trials,metrics,experts,routing}/sweep=NAME/*.parquet, read with
 moelab.results.open(ROOT); Ray's state (checkpoints, Tune) under ROOT/_ray/NAME.
 Catalogue: moelab/ablations/catalogue/*.yaml. Exit status: 0 every trial finished or diverged, 1 some
 trial failed, 2 bad sweep file or arguments, 130 interrupted (finish with --resume)."""
+
+
+def parse_sets(items: list[str]) -> dict[str, Any]:
+    """`--set train.steps=50` items -> {"train.steps": 50} (values read as YAML: numbers, null, lists)."""
+    from moelab.platform.spec import SpecError
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise SpecError(f"--set: got {item!r}; allowed: KEY=VALUE with a dotted config key, "
+                            f"e.g. train.steps=50")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
 
 
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from moelab.platform.spec import SpecError, expand, format_trials, load_spec
 
     try:
-        spec = load_spec(args.sweep)
+        sets = parse_sets(args.set or [])
+        spec = load_spec(args.sweep, common=sets, seeds=args.seeds)
         trials = expand(spec)
     except SpecError as e:
         print(f"moelab sweep: bad sweep: {e}", file=sys.stderr)
@@ -215,6 +233,7 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     root = args.storage or spec.storage
     if args.dry_run:
+        print(f"sweep {spec.name}" + (f": {spec.description}" if spec.description else ""))
         print(format_trials(trials))
         print(f"storage: {root}")
         return 0
@@ -309,6 +328,10 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("sweep", metavar="FILE_OR_CATALOGUE_NAME",
                     help="a sweep YAML file, or the name of a catalogue sweep (e.g. noise)")
     sw.add_argument("--dry-run", action="store_true", help="print the trial table (params, FLOPs) and exit")
+    sw.add_argument("--set", action="append", metavar="KEY=VALUE",
+                    help="override a config key for every trial, over the file's `common` (repeatable), "
+                         "e.g. --set train.steps=100")
+    sw.add_argument("--seeds", type=int, nargs="+", metavar="N", help="replace the sweep's seeds, e.g. --seeds 0")
     sw.add_argument("--resume", action="store_true",
                     help="finish a sweep whose controller stopped: finished and diverged trials are not rerun")
     sw.add_argument("--storage", metavar="ROOT",

@@ -5,10 +5,11 @@
     r.sweeps()                              # ['noise', ...]
     r.trials(sweep="noise")                 # one row per trial: status, axes, config columns, final metrics
     r.metrics(sweep="noise", columns=["loss"])
+    r.routing(sweep="noise", trials="t1")   # synthetic data: routed tokens per (layer, domain, expert)
     r.sql("SELECT trial_id, min(loss) FROM metrics GROUP BY 1")
 
 Every read lists the files afresh, so a store that is being written shows its latest finished batches.
-`metrics` and `experts` are deduplicated: for each (sweep, trial_id, step) only the rows of the highest
+`metrics`, `experts` and `routing` are deduplicated: for each (sweep, trial_id, step) only the rows of the highest
 `attempt` are kept (a restarted attempt replaces the earlier one's rows for the same steps), sorted by
 (sweep, trial_id, step). Files still being written (hidden `.tmp-*` names) are never read.
 
@@ -30,13 +31,15 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
 
-from moelab.platform.store import (EXPERTS_SCHEMA, METRICS_SCHEMA, SWEEP_FIELD, TABLES, TRIALS_SCHEMA,
-                                   list_files, resolve_root)
+from moelab.platform.store import (EXPERTS_SCHEMA, METRICS_SCHEMA, ROUTING_SCHEMA, SWEEP_FIELD, TABLES,
+                                   TRIALS_SCHEMA, list_files, resolve_root)
 
 __all__ = ["open", "Results"]
 
-_KEYS = {"metrics": ["sweep", "trial_id", "step"], "experts": ["sweep", "trial_id", "step", "layer", "expert"]}
-_FILE_SCHEMAS = {"metrics": METRICS_SCHEMA, "experts": EXPERTS_SCHEMA, "trials": TRIALS_SCHEMA}
+_KEYS = {"metrics": ["sweep", "trial_id", "step"], "experts": ["sweep", "trial_id", "step", "layer", "expert"],
+         "routing": ["sweep", "trial_id", "step", "layer", "domain", "expert"]}
+_FILE_SCHEMAS = {"metrics": METRICS_SCHEMA, "experts": EXPERTS_SCHEMA, "routing": ROUTING_SCHEMA,
+                 "trials": TRIALS_SCHEMA}
 
 
 def open(root: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None) -> "Results":  # noqa: A001
@@ -148,19 +151,24 @@ class Results:
         """One row per (sweep, trial_id, step, layer, expert): `load`, the fraction of the layer's routed
         tokens that went to the expert (layer = index among the MoE layers), latest attempt. `steps` keeps
         only those steps."""
-        t = self._read("experts", sweep, trials, None)
-        if steps is not None:
-            t = t.filter(pc.is_in(t.column("step"), pa.array([int(x) for x in steps], pa.int64())))
-        return t.to_pandas()
+        return _at_steps(self._read("experts", sweep, trials, None), steps).to_pandas()
+
+    def routing(self, sweep: str | Iterable[str] | None = None, trials: str | Iterable[str] | None = None,
+                steps: Iterable[int] | None = None) -> pd.DataFrame:
+        """One row per (sweep, trial_id, step, layer, domain, expert): `tokens`, the routed slots (a token
+        counts once per top-k expert that computed it; capacity drops excluded) of the domain's tokens that
+        went to the expert over the log interval ending at `step`, latest attempt. Only runs on data with
+        domains (`data.source: synthetic`) have rows. `steps` keeps only those steps."""
+        return _at_steps(self._read("routing", sweep, trials, None), steps).to_pandas()
 
     # -- SQL ----------------------------------------------------------------------------------------------------
     def connect(self) -> duckdb.DuckDBPyConnection:
-        """A DuckDB connection with views `trials`, `metrics`, `experts` (deduplicated as above) over the
-        files present now. Close it when done."""
+        """A DuckDB connection with views `trials`, `metrics`, `experts`, `routing` (deduplicated as above)
+        over the files present now. Close it when done."""
         con = duckdb.connect()
         con.register("trials_raw", self.trials_arrow())
         con.execute("CREATE VIEW trials AS SELECT * FROM trials_raw")
-        for table in ("metrics", "experts"):
+        for table in ("metrics", "experts", "routing"):
             files = list_files(self.fs, self.root, table)
             con.register(f"{table}_raw", self._files_dataset(table, files) if files else self._empty(table))
             if any(messy for messy, _ in _plan(files)):
@@ -180,12 +188,19 @@ class Results:
         return read_fits(self.root, sweep, filesystem=self.fs)
 
     def sql(self, query: str) -> pd.DataFrame:
-        """Run a DuckDB query over the views `trials`, `metrics`, `experts`, `fits`; returns a DataFrame."""
+        """Run a DuckDB query over the views `trials`, `metrics`, `experts`, `routing`, `fits`; returns a
+        DataFrame."""
         con = self.connect()
         try:
             return con.execute(query).df()
         finally:
             con.close()
+
+
+def _at_steps(table: pa.Table, steps: Iterable[int] | None) -> pa.Table:
+    if steps is None:
+        return table
+    return table.filter(pc.is_in(table.column("step"), pa.array([int(x) for x in steps], pa.int64())))
 
 
 _BATCH = re.compile(r"^(?P<trial>[^.]+)\.a(?P<attempt>\d+)\.s(?P<first>\d+)-(?P<last>\d+)\.parquet$")

@@ -80,6 +80,42 @@ def test_experts(syn):
     assert r.experts(sweep="second").empty
 
 
+def test_routing(syn):
+    info, other, r = syn
+    g = r.routing(sweep="synthetic")
+    keys = ["trial_id", "step", "layer", "domain", "expert"]
+    assert set(g.trial_id) == set(info.moe) and g.tokens.dtype == np.int64 and (g.tokens >= 0).all()
+    assert not g.duplicated(keys).any() and g.equals(g.sort_values(["sweep", *keys]).reset_index(drop=True))
+    steps = {t: sorted(x.step.unique().tolist()) for t, x in g.groupby("trial_id")}
+    assert steps == {t: info.logged[t] for t in info.moe}
+    (restarted,) = info.restarted
+    att = g[g.trial_id == restarted].groupby("step").attempt.agg(["min", "max"])
+    assert (att["min"] == att["max"]).all() and att["max"].iloc[0] == 0 and att["max"].iloc[-1] == 1
+    # summed over domains, the routed tokens are the experts table's load
+    per = g.groupby(["trial_id", "step", "layer", "expert"]).tokens.sum()
+    frac = per / per.groupby(level=[0, 1, 2]).transform("sum")
+    load = r.experts(sweep="synthetic").set_index(["trial_id", "step", "layer", "expert"]).load
+    assert np.allclose(frac.to_numpy(), load.reindex(frac.index).to_numpy(), atol=2e-3)
+    # the fixture's experts specialise: domains send their tokens to the experts in ever more different shares
+    one = g[(g.trial_id == info.moe[0]) & (g.layer == 0)]
+
+    def spread(step):  # mean over experts of (max - min over domains) of the share of a domain's tokens
+        m = one[one.step == step].pivot(index="domain", columns="expert", values="tokens").to_numpy(float)
+        share = m / m.sum(1, keepdims=True)
+        return (share.max(0) - share.min(0)).mean()
+
+    assert spread(info.steps[0]) < 0.05 and spread(info.steps[-1]) > 0.15
+    assert r.routing(sweep="second").empty
+    some = r.routing(trials=info.moe[1], steps=info.steps[:2])
+    assert set(some.trial_id) == {info.moe[1]} and sorted(some.step.unique()) == info.steps[:2]
+    # the DuckDB view holds the same deduplicated rows
+    q = r.sql("SELECT trial_id, count(*) AS n, sum(tokens) AS s, max(attempt) AS a FROM routing "
+              "GROUP BY 1 ORDER BY 1")
+    want = g.groupby("trial_id").agg(n=("tokens", "size"), s=("tokens", "sum"), a=("attempt", "max"))
+    assert q.trial_id.tolist() == want.index.tolist()
+    assert q.n.tolist() == want.n.tolist() and q.s.tolist() == want.s.tolist() and q.a.tolist() == want.a.tolist()
+
+
 def test_sql(syn):
     info, _, r = syn
     q = r.sql("""

@@ -261,13 +261,14 @@ def _prepare_trials(raw: pd.DataFrame, loss: str, n_column: str) -> tuple[pd.Dat
         t["N"] = _num(t, n_column)
     t["D"] = _num(t, "final_tokens")
     t["C"] = _num(t, "final_flops")
+    _add_source_cost(t)
     t["L"] = _num(t, _LOSS_FINAL[loss])
     t["G"] = _num(t, "model.moe.granularity")
 
     axis_rows = [_axis_dict(v) for v in t.get("axis_values", pd.Series([None] * len(t)))]
     axes = sorted({k for row in axis_rows for k in row if k not in SEED_AXES})
     for axis in axes:  # the axis value as the sweep gave it (the config column holds defaults for dense rows)
-        t[axis] = [row.get(axis) for row in axis_rows]
+        t[axis] = [_axis_value(axis, row) for row in axis_rows]
 
     reasons = []
     for _, row in t.iterrows():
@@ -285,6 +286,40 @@ def _prepare_trials(raw: pd.DataFrame, loss: str, n_column: str) -> tuple[pd.Dat
     t["excluded"] = reasons
     t["usable"] = t["excluded"] == ""
     return t, axes
+
+
+def _add_source_cost(t: pd.DataFrame) -> None:
+    """Columns D0, C0: the tokens and FLOPs an upcycled trial inherited from its dense source (the source's
+    own D0, C0 included, so chains add up); 0 for other trials. D and C then count them: an upcycled MoE's loss
+    was bought with its source's training too, and leaving that out would inflate its compute leverage."""
+    t["D0"], t["C0"] = 0.0, 0.0
+    if "depends_on" not in t.columns or t.empty:
+        return
+    D, C = dict(zip(t["trial_id"], t["D"])), dict(zip(t["trial_id"], t["C"]))
+    dep = {tid: src for tid, src in zip(t["trial_id"], t["depends_on"]) if isinstance(src, str) and src}
+
+    def inherited(tid: str, seen: frozenset = frozenset()) -> tuple[float, float]:
+        src = dep.get(tid)
+        if src is None or src in seen or src not in D:
+            return 0.0, 0.0
+        d0, c0 = inherited(src, seen | {tid})
+        return d0 + D[src], c0 + C[src]
+
+    cost = [inherited(tid) for tid in t["trial_id"]]
+    t["D0"], t["C0"] = [c[0] for c in cost], [c[1] for c in cost]
+    t["D"] = t["D"] + t["D0"]
+    t["C"] = t["C"] + t["C0"]
+
+
+def _axis_value(axis: str, row: dict[str, Any]) -> Any:
+    """A trial's value on `axis`; None when the trial does not carry the axis (a dense baseline). A null the
+    sweep gave explicitly is a value of its own (`upcycle_from: [null, ladder-2]` -> "scratch"), not missing."""
+    if axis not in row:
+        return None
+    value = row[axis]
+    if value is None:
+        return "scratch" if axis == "upcycle_from" else "none"
+    return value
 
 
 def _sort_key(value: Any) -> tuple:
@@ -337,7 +372,8 @@ def _curve_points(r: _results.Results, sweeps: list[str], t: pd.DataFrame, loss:
     for tid, g in m.groupby("trial_id", sort=True):
         if tid not in info.index:
             continue
-        D = pd.to_numeric(g["tokens"], errors="coerce").to_numpy(float)
+        row = info.loc[tid]
+        D = pd.to_numeric(g["tokens"], errors="coerce").to_numpy(float)  # the trial's own tokens
         C = pd.to_numeric(g["flops"], errors="coerce").to_numpy(float)
         L = pd.to_numeric(g[loss], errors="coerce").to_numpy(float)
         ok = np.isfinite(D) & np.isfinite(C) & np.isfinite(L) & (D > 0) & (C > 0) & (L > 0)
@@ -350,7 +386,7 @@ def _curve_points(r: _results.Results, sweeps: list[str], t: pd.DataFrame, loss:
             targets = np.geomspace(D.min(), D.max(), max_points)
             idx = np.unique(np.r_[np.searchsorted(D, targets).clip(0, len(D) - 1), len(D) - 1])
             D, C, L = D[idx], C[idx], L[idx]
-        row = info.loc[tid]
+        D, C = D + float(row["D0"]), C + float(row["C0"])  # plus what an upcycled trial's source spent
         out.append(pd.DataFrame({"trial_id": tid, "group": row["group"], "family": row["family"],
                                  "seed": row["seed"], "N": row["N"], "N_total": row["N_total"], "G": row["G"],
                                  "D": D, "C": C, "L": L}))
@@ -439,6 +475,9 @@ def analyse(
     a.family_axes = fam_axes
     _label_groups(t, fam_axes)
     a.trials = t
+    if (t["D0"] > 0).any():
+        a.notes.append(f"{int((t['D0'] > 0).sum())} upcycled trial(s): their tokens and FLOPs include their dense "
+                       f"source's training (the loss was bought with both)")
     excluded = t[~t["usable"]]
     for reason, g in excluded.groupby("excluded", sort=True):
         a.notes.append(f"{len(g)} trial(s) left out ({reason}): {', '.join(g['trial_id'].astype(str))}")
@@ -707,7 +746,7 @@ def _effects_all(a: Analysis) -> None:
             continue
         others = [x for x in a.axes if x != axis and x in frame]
         if others:  # marginal effects: other axes' values must be equally represented under every value
-            combos = frame[others].astype(str).agg("|".join, axis=1)
+            combos = frame[others].map(str).agg("|".join, axis=1)  # map, not astype: keeps NaN -> "nan"
             counts = pd.crosstab(frame[axis].astype(str), combos)
             if len(np.unique(counts.to_numpy())) > 1:
                 a.notes.append(f"axis {axis}: its effects pool the other axes' values, and these are unbalanced "

@@ -8,9 +8,9 @@ coordinates. The page URL holds the state (`?view=curves&sweep=noise&metric=loss
 so a view can be shared; unknown or malformed parameters fall back to defaults. Parameters: view, sweep,
 status and family (comma lists, "none" = empty), metric, x (step / tokens / flops / wall_s), log (x,y), smooth
 (EMA weight), group ("seeds" = mean over seeds [default], "none", or comma-joined config keys), axis, baseline,
-split, emetric (effects metric), color (scaling), trial, step, layer (experts), pmetric (parallel
-coordinates), differ=0 (all config columns), refresh=0 (no auto-refresh). Every table has a CSV button;
-every figure a PNG button (Plotly's mode bar).
+split, emetric (effects metric), color (scaling), trial, step, layer (experts: the layer whose load over time
+and domain routing are shown), pmetric (parallel coordinates), differ=0 (all config columns), refresh=0 (no
+auto-refresh). Every table has a CSV button; every figure a PNG button (Plotly's mode bar).
 While the page is open it re-reads the store every `refresh_s` seconds (only files that changed are read,
 and a view is redrawn only when its sweep's files changed).
 
@@ -339,22 +339,43 @@ class Views:
         m = self.reader.metrics(sweep, [trial], ["imbalance", "drop_frac"])
         return e, used, mat, over, imb, m
 
+    def routing_data(self, sweep: str, trial: str, step: int | None = None, layer: int = 0):
+        """(routing rows, step used, domain x expert share at `layer`, specialisation per step and layer)."""
+        r = self.reader.routing(sweep, trial)
+        used, share = Q.domain_share_at(r, int(layer or 0), step)
+        return r, used, share, Q.specialisation(r)
+
+    @staticmethod
+    def _no_routing(row: pd.Series | None) -> str:
+        """Why a trial has no `routing` rows, for the page."""
+        source = row.get("data.source") if row is not None else None
+        if isinstance(source, str) and source != "synthetic":  # NaN: a store without the config column
+            return (f"No expert-vs-domain routing: it needs data with known domains (data.source synthetic); "
+                    f"this run's source is {source!r}.")
+        return ("No expert-vs-domain routing for this trial: the `routing` table has no rows for it (it is "
+                "written for MoE runs on the synthetic source; this run has not logged any yet, or predates it).")
+
     def experts(self, sweep: str, trials: pd.DataFrame, trial: str, step: int | None = None, layer: int = 0):
-        """(load heatmap, load-over-time heatmap, imbalance figure, notes, expert rows)."""
+        """(load heatmap, load-over-time heatmap, domain routing heatmap, specialisation figure, imbalance
+        figure, notes, expert rows)."""
         e, used, mat, over, imb, m = self.experts_data(sweep, trial, step, layer)
+        r, r_used, share, spec = self.routing_data(sweep, trial, step, layer)
         notes = []
         if not len(e):
             notes.append("This trial has no rows in the `experts` table (not recorded yet, or a dense run).")
         layers = sorted(e["layer"].unique()) if len(e) else []
         if len(e) and int(layer or 0) not in layers:
             notes.append(f"Layer {layer} is not recorded; layers: {layers[0]}..{layers[-1]}.")
-        row = trials[trials["trial_id"] == trial]
-        if len(row) and row.iloc[0].get("data.source") == "synthetic":
-            notes.append("Expert-vs-domain routing (how specialised experts are on the synthetic source's domains) "
-                         "is not recorded in this store: it needs a per-domain expert-load table from the "
-                         "trainer (trial x step x layer x domain x expert -> fraction of that domain's tokens).")
-        return (F.expert_heatmap(mat, used, trial), F.expert_time_heatmap(over, int(layer or 0)),
-                F.imbalance_figure(imb, m), " ".join(notes), e)
+        rows = trials[trials["trial_id"] == trial]
+        if len(r):
+            domain_fig = F.domain_heatmap(share, r_used, int(layer or 0), trial)
+            spec_fig = F.specialisation_figure(spec)
+        else:
+            msg = self._no_routing(rows.iloc[0] if len(rows) else None)
+            notes.append(msg)
+            domain_fig, spec_fig = F.message_figure(msg), F.message_figure("")
+        return (F.expert_heatmap(mat, used, trial), F.expert_time_heatmap(over, int(layer or 0)), domain_fig,
+                spec_fig, F.imbalance_figure(imb, m), " ".join(notes), e)
 
     def parallel(self, sweep: str, trials: pd.DataFrame, metric: str = "final_loss"):
         if metric == "leverage":
@@ -474,13 +495,17 @@ def create_app(root: str | os.PathLike, *, refresh_s: float = 10.0, prewarm: boo
                 _labelled("step (nearest logged)", dcc.Slider(id="experts-step", min=0, max=1, value=None,
                                                               step=1, marks=None, allow_direct_input=True,
                                                               tooltip={"always_visible": False}), "340px"),
-                _labelled("layer (over time)", dcc.Input(id="experts-layer", type="number", min=0, step=1, value=0,
-                                                         debounce=True, style={"width": "80px"})),
+                _labelled("layer (over time, domains)",
+                          dcc.Input(id="experts-layer", type="number", min=0, step=1, value=0, debounce=True,
+                                    style={"width": "80px"})),
                 _csv_button("experts", "expert load CSV"),
+                _csv_button("routing", "domain routing CSV"),
             ], style=_ROW),
             _note("experts-note"),
             dcc.Graph(id="experts-heatmap", config={"displaylogo": False}),
             dcc.Graph(id="experts-time", config={"displaylogo": False}),
+            dcc.Graph(id="experts-domain", config={"displaylogo": False}),
+            dcc.Graph(id="experts-special", config={"displaylogo": False}),
             dcc.Graph(id="experts-imbalance", config={"displaylogo": False}),
         ],
         "parallel": [
@@ -781,15 +806,16 @@ def create_app(root: str | os.PathLike, *, refresh_s: float = 10.0, prewarm: boo
         return fig, _records(summary), _column_defs(summary, ("label",)), note
 
     @app.callback(Output("experts-heatmap", "figure"), Output("experts-time", "figure"),
+                  Output("experts-domain", "figure"), Output("experts-special", "figure"),
                   Output("experts-imbalance", "figure"), Output("experts-note", "children"),
                   Output("experts-version", "data"), *common, Input("experts-trial", "value"),
                   Input("experts-step", "value"), Input("experts-layer", "value"), State("experts-version", "data"))
-    @guarded("experts", lambda msg: (F.message_figure(msg), F.message_figure(""), F.message_figure(""), msg))
+    @guarded("experts", lambda msg: (F.message_figure(msg), *[F.message_figure("")] * 4, msg))
     def experts(sweep, trials, trial, step, layer):
         if not trial:
             msg = "No MoE trials in this sweep (with the current status / family filter)."
-            return F.message_figure(msg), F.message_figure(""), F.message_figure(""), msg
-        return views.experts(sweep, trials, trial, step, layer)[:4]
+            return F.message_figure(msg), *[F.message_figure("")] * 4, msg
+        return views.experts(sweep, trials, trial, step, layer)[:6]
 
     @app.callback(Output("parallel-graph", "figure"), Output("parallel-note", "children"),
                   Output("parallel-version", "data"), *common, Input("parallel-metric", "value"),
@@ -830,6 +856,8 @@ def create_app(root: str | os.PathLike, *, refresh_s: float = 10.0, prewarm: boo
     csv("scaling", lambda sweep, trials, color: views.scaling(sweep, trials, color)[2], State("scaling-color", "value"))
     csv("experts", lambda sweep, trials, trial, step: views.experts_data(sweep, trial, step)[0],
         State("experts-trial", "value"), State("experts-step", "value"))
+    csv("routing", lambda sweep, trials, trial: views.routing_data(sweep, trial)[0],
+        State("experts-trial", "value"))
     csv("parallel", lambda sweep, trials, metric: views.parallel(sweep, trials, metric)[1],
         State("parallel-metric", "value"))
 

@@ -8,7 +8,8 @@ is stable so tests can count traces:
   trace with gaps between runs), plus one "stopped" marker trace when a diverged / failed run is shown;
 * curves, ungrouped: per run 1 trace (2 with smoothing: raw faint + smoothed);
 * effects: per split value 2 traces (mean +/- interval; difference to the baseline), baseline marked;
-* scaling: dense points, the dense law (+ band), MoE points per colour label, faint training curves.
+* scaling: dense points, the dense law (+ band), MoE points per colour label, faint training curves;
+* domain routing: one heatmap trace; specialisation: one line per layer ("layer L").
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ from moelab.dashboards.query import CurveData, DenseLaw
 
 __all__ = [
     "STATUS_COLORS", "message_figure", "overview_figure", "curves_figure", "effects_figure", "scaling_figure",
-    "expert_heatmap", "expert_time_heatmap", "imbalance_figure", "parallel_figure",
+    "expert_heatmap", "expert_time_heatmap", "imbalance_figure", "domain_heatmap", "specialisation_figure",
+    "parallel_figure",
 ]
 
 PALETTE = qualitative.Plotly + qualitative.D3 + qualitative.Dark24
@@ -294,6 +296,38 @@ def imbalance_figure(imb: pd.DataFrame, metrics: pd.DataFrame | None = None) -> 
                                showarrow=False)
     fig.update_layout(**_LAYOUT, height=520, title="Routing balance over training")
     fig.update_xaxes(title_text="step", row=2, col=1)
+    return fig
+
+
+def domain_heatmap(share: pd.DataFrame, step: int | None, layer: int, trial: str = "") -> go.Figure:
+    """Share of each domain's routed tokens per expert (share: domain x expert, rows sum to 1, from
+    `query.domain_share_at`); white = the uniform share 1/E, red = an expert the domain prefers."""
+    if share is None or not len(share):
+        return message_figure(f"No domain routing recorded for layer {layer}.")
+    n_exp = share.shape[1]
+    z = share.to_numpy(dtype=float)
+    fig = go.Figure(go.Heatmap(z=z, x=[str(c) for c in share.columns], y=[str(i) for i in share.index],
+                               **_balanced_scale(z, 1.0 / n_exp), colorbar=dict(title="share"),
+                               hovertemplate="domain %{y}, expert %{x}: %{z:.3f} of the domain's tokens"
+                                             "<extra></extra>"))
+    fig.update_layout(**_LAYOUT, height=max(260, 90 + 28 * share.shape[0]),
+                      title=f"Layer {layer} at step {step} {trial}: where each domain's tokens go "
+                            f"(rows sum to 1; uniform = 1/{n_exp})",
+                      xaxis=dict(title="expert", type="category"), yaxis=dict(title="domain", type="category"))
+    return fig
+
+
+def specialisation_figure(spec: pd.DataFrame) -> go.Figure:
+    """Specialisation I(domain; expert) / H(domain) per layer over training (`query.specialisation`)."""
+    if spec is None or not len(spec):
+        return message_figure("No domain routing recorded for this trial.")
+    fig = go.Figure()
+    for i, (layer, d) in enumerate(spec.groupby("layer", sort=True)):
+        fig.add_scatter(x=d["step"], y=d["specialisation"], mode="lines", name=f"layer {layer}",
+                        line=dict(color=PALETTE[i % len(PALETTE)], width=1.5))
+    fig.update_layout(**_LAYOUT, height=360, title="Expert specialisation: I(domain; expert) / H(domain) "
+                      "(0 = routing ignores the domain, 1 = each expert sees one domain)",
+                      xaxis=dict(title="step"), yaxis=dict(title="specialisation", range=[0, 1.02]))
     return fig
 
 

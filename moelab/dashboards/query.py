@@ -8,7 +8,8 @@ Two halves:
   `Reader.warnings`; a missing or empty root raises `StoreUnavailable` with a message for the page.
 * Pure functions over DataFrames / Arrow tables (no I/O): the runs table, seed aggregation (mean, stderr, N),
   M4 downsampling, smoothing, per-axis effects, the dense compute law and leverage, expert-load summaries,
-  the parallel-coordinates frame. The heavy ones run as DuckDB SQL over in-memory Arrow tables.
+  domain-vs-expert routing and specialisation, the parallel-coordinates frame. The heavy ones run as DuckDB
+  SQL over in-memory Arrow tables.
 
 Downsampling (server side, spikes kept): M4 aggregation (Jugel et al. 2014, "M4: A Visualization-Oriented
 Time Series Data Aggregation"): per run and x-bucket keep the first, last, min and max point. A line drawn
@@ -48,7 +49,8 @@ __all__ = [
     "axis_keys", "axis_frame", "filter_trials", "sweeps_overview", "recent_failures", "runs_table",
     "group_keys", "assign_groups", "ema", "m4_downsample", "aggregate_seeds", "CurveData", "curve_data",
     "axis_effects", "DenseLaw", "dense_law", "fits_law", "with_leverage", "scaling_points",
-    "expert_load_at", "expert_load_over_time", "expert_imbalance", "parallel_frame",
+    "expert_load_at", "expert_load_over_time", "expert_imbalance", "domain_share_at", "specialisation",
+    "parallel_frame",
 ]
 
 X_AXES = ("step", "tokens", "flops", "wall_s")
@@ -64,6 +66,7 @@ _RESULT_COLS = {
     "flops", "final_step", "final_tokens", "final_flops", "final_loss", "final_eval_loss", "wall_s", "leverage",
     "leverage_extrapolated", "train.out_dir",
 }
+_ROUTING_COLS = ("step", "layer", "domain", "expert", "tokens")  # what Reader.routing returns, in this order
 
 
 class StoreUnavailable(Exception):
@@ -318,7 +321,7 @@ class Reader:
         import hashlib
 
         h = hashlib.sha1()
-        for table in ("trials", "metrics", "experts", "fits"):
+        for table in ("trials", "metrics", "experts", "routing", "fits"):
             for info in self._list(table, sweep):
                 h.update(f"{info.path}|{info.mtime_ns}|{info.size}\n".encode())
         return h.hexdigest()
@@ -333,6 +336,16 @@ class Reader:
             self._warn(f"experts/sweep={sweep}/{trial_id}", e)
             return pd.DataFrame(columns=["step", "layer", "expert", "load"])
         return df[["step", "layer", "expert", "load"]]
+
+    def routing(self, sweep: str, trial_id: str, steps: Iterable[int] | None = None) -> pd.DataFrame:
+        """step, layer, domain, expert, tokens of one trial (latest attempt); empty when not recorded (real
+        data, a dense run)."""
+        try:
+            df = self.results().routing(sweep=sweep, trials=[trial_id], steps=steps)
+        except (OSError, pa.ArrowException) as e:
+            self._warn(f"routing/sweep={sweep}/{trial_id}", e)
+            return pd.DataFrame(columns=list(_ROUTING_COLS))
+        return df[list(_ROUTING_COLS)]
 
     def fits(self, sweep: str) -> pd.DataFrame | None:
         """The `fits` table of a sweep when the store has one (design.md "Tables"), else None."""
@@ -998,6 +1011,56 @@ def expert_imbalance(experts: pd.DataFrame) -> pd.DataFrame:
     q = """SELECT step, layer, max(load) / avg(load) AS imbalance, stddev_pop(load) / avg(load) AS cv
            FROM t GROUP BY step, layer ORDER BY layer, step"""
     return _sql(q, t=experts[["step", "layer", "load"]])
+
+
+def _nearest_step(steps: np.ndarray, step: int | None) -> int:
+    steps = np.sort(np.unique(steps))
+    return int(steps[-1] if step is None else steps[np.argmin(np.abs(steps - int(step)))])
+
+
+def domain_share_at(routing: pd.DataFrame, layer: int, step: int | None = None) -> tuple[int | None, pd.DataFrame]:
+    """(step used, domain x expert matrix) of one layer at the logged step nearest to `step` (None: the last).
+
+    share[d, e] = tokens[d, e] / sum_e' tokens[d, e']: where domain d's routed tokens went (each row sums to
+    1; a domain without tokens is NaN). Empty when the layer has no rows.
+    """
+    r = routing[routing["layer"] == layer] if len(routing) else routing
+    if not len(r):
+        return None, pd.DataFrame()
+    use = _nearest_step(r["step"].to_numpy(), step)
+    counts = r[r["step"] == use].pivot_table(index="domain", columns="expert", values="tokens", aggfunc="sum")
+    counts = counts.sort_index().sort_index(axis=1).astype(float)
+    return use, counts.div(counts.sum(axis=1).where(lambda x: x > 0), axis=0)
+
+
+def specialisation(routing: pd.DataFrame) -> pd.DataFrame:
+    """How much an expert's identity tells about the domain, per step and layer: columns step, layer,
+    specialisation.
+
+    With p(d, e) = tokens[d, e] / N over the (step, layer)'s routed slots, p(d), p(e) its marginals:
+
+        specialisation = I(D; E) / H(D),   I(D; E) = sum_{d,e} p(d,e) log(p(d,e) / (p(d) p(e))),
+                                           H(D) = -sum_d p(d) log p(d)
+
+    = 1 - H(D | E) / H(D): 1 when every expert sees a single domain (perfectly specialised), 0 when every
+    domain spreads over the experts in the same proportions (routing independent of the domain). NaN when
+    H(D) = 0 (a single domain: nothing to tell apart).
+    """
+    cols = ["step", "layer", "specialisation"]
+    if not len(routing):
+        return pd.DataFrame(columns=cols)
+    r = routing[routing["tokens"] > 0][["step", "layer", "domain", "expert", "tokens"]].astype(
+        {"tokens": float})  # 0 log 0 = 0: empty cells add nothing
+    g = ["step", "layer"]
+    n = r.groupby(g)["tokens"].transform("sum")
+    nd = r.groupby([*g, "domain"])["tokens"].transform("sum")
+    ne = r.groupby([*g, "expert"])["tokens"].transform("sum")
+    mi = (r["tokens"] / n * np.log(r["tokens"] * n / (nd * ne))).groupby([r["step"], r["layer"]]).sum()
+    dom = r.groupby([*g, "domain"])["tokens"].sum()
+    q = dom / dom.groupby(level=g).transform("sum")
+    h = -(q * np.log(q)).groupby(level=g).sum()
+    spec = (mi / h.where(h > 1e-12)).clip(0.0, 1.0)  # clip: rounding can leave I a hair outside [0, H]
+    return spec.rename("specialisation").reset_index().sort_values(["layer", "step"]).reset_index(drop=True)
 
 
 # ----------------------------------------------------------------------------------------------------------

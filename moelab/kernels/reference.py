@@ -38,21 +38,34 @@ def slot_positions(order: torch.Tensor, n_slots: int) -> torch.Tensor:
     return pos
 
 
-def _combine(rows: torch.Tensor, pos: torch.Tensor, T: int) -> torch.Tensor:
-    """Sum sorted per-slot rows back per token: a gather then a sum over k, no scatter-add.
-    rows: [S', d] in sorted order, pos: [T*k] -> [T, d]."""
-    padded = torch.cat([rows, rows.new_zeros(1, rows.shape[1])])
+def _combine(rows: torch.Tensor, pos: torch.Tensor, T: int, weight: torch.Tensor | None = None) -> torch.Tensor:
+    """Sum sorted per-slot rows back per token, optionally weighted: one gather per k and an in-place
+    (fused multiply-)add, no scatter-add and no reduction over a size-k middle dim (slow on CPU).
+    rows: [S'+1, d] in sorted order, the last row zero (where dropped slots point); pos: [T*k];
+    weight: [T, k] or None -> [T, d] with out[t] = sum_j weight[t, j] * rows[pos[t, j]]."""
     k = pos.numel() // T if T else 1
-    return padded.index_select(0, pos).view(T, k, rows.shape[1]).sum(1)
+    pos = pos.view(T, k)
+    out = rows.index_select(0, pos[:, 0])
+    if weight is not None:
+        out.mul_(weight[:, :1])
+    for j in range(1, k):
+        g = rows.index_select(0, pos[:, j])
+        if weight is None:
+            out.add_(g)
+        else:
+            out.addcmul_(g, weight[:, j:j + 1])
+    return out
 
 
 def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int]):
-    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], a [S, d_e], y [S, d])."""
+    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], a [S, d_e], y [S+1, d]),
+    y's last row zero."""
     S, d = xs.shape
     de = w_down.shape[2]
     h = xs.new_empty(S, 2 * de)
     a = xs.new_empty(S, de)
-    y = xs.new_empty(S, d)
+    y = xs.new_empty(S + 1, d)  # one zero row past the end, where _combine sends dropped slots
+    y[S].zero_()
     # Expert by expert, so each block's SwiGLU runs on rows still in cache from its GEMM.
     for e, rows in _blocks(counts):
         he = h[rows]
@@ -82,9 +95,11 @@ class _MoEExperts(torch.autograd.Function):
         xs = x.index_select(0, token)
         h, a, y = _swiglu_experts(xs, w_gate_up, w_down, counts)
         w_slot = topk_weight.reshape(-1).index_select(0, order).to(y.dtype)
-        out = _combine(y * w_slot[:, None], pos, T)
-        # a = silu(gate) * up is kept (S x d_e more memory) so the backward does not recompute it.
-        ctx.save_for_backward(x, w_gate_up, w_down, order, token, pos, h, a, y, w_slot)
+        out = _combine(y, pos, T, topk_weight.to(y.dtype))
+        # a = silu(gate) * up and the gathered xs are kept (S x (d_e + d) more memory) so the backward
+        # recomputes neither.
+        ctx.save_for_backward(xs, w_gate_up, w_down, order, token, pos, h, a, y, w_slot)
+        ctx.T = T
         ctx.counts = counts
         ctx.topk_shape = topk_weight.shape
         ctx.topk_dtype = topk_weight.dtype
@@ -92,15 +107,15 @@ class _MoEExperts(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, dout):
-        x, w_gate_up, w_down, order, token, pos, h, a, y, w_slot = ctx.saved_tensors
-        T, de = x.shape[0], w_down.shape[2]
+        xs, w_gate_up, w_down, order, token, pos, h, a, y, w_slot = ctx.saved_tensors
+        T, de, S = ctx.T, w_down.shape[2], xs.shape[0]
         dys = dout.index_select(0, token)  # [S, d]: grad of each slot's weighted output
-        d_wslot = (dys * y).sum(1)  # d out / d w_slot = y
+        d_wslot = torch.einsum("sd,sd->s", dys, y[:S])  # d out / d w_slot = y; no [S, d] temporary
         d_topk = torch.zeros(ctx.topk_shape.numel(), dtype=ctx.topk_dtype, device=dout.device)
         d_topk.index_copy_(0, order, d_wslot.to(ctx.topk_dtype))
         dys.mul_(w_slot[:, None])  # now the grad of the unweighted expert output y
-        xs = x.index_select(0, token)
-        dxs = torch.empty_like(xs)
+        dxs = xs.new_empty(S + 1, xs.shape[1])  # the zero row past the end again, for _combine
+        dxs[S].zero_()
         dw_gu = torch.empty_like(w_gate_up)  # every expert's block is written below or zeroed here
         dw_down = torch.empty_like(w_down)
         for e, n in enumerate(ctx.counts):

@@ -308,7 +308,7 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None
     if not resume and (n_rows or _exists(ray_fs, ray_path)):
         raise SweepError(f"sweep {spec.name!r} already has results in {root} ({n_rows} trial rows); "
                          f"finish it with --resume, or pick another --storage (or delete "
-                         f"{root.rstrip('/')}/{{trials,metrics,experts}}/sweep={spec.name} and "
+                         f"{root.rstrip('/')}/{{trials,metrics,experts,routing}}/sweep={spec.name} and "
                          f"{root.rstrip('/')}/{RAY_DIR}/{spec.name})")
     status = {tid: row.get("status") or "pending" for tid, row in stored.items()}
     checkpoints = {tid: row["checkpoint"] for tid, row in stored.items() if row.get("checkpoint")}

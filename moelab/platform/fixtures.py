@@ -1,7 +1,7 @@
 """A synthetic results store, fast: for tests of the readers (dashboard, notebook, fits) and for benchmarks.
 
-`synthetic_store(root, n_trials=18, n_steps=50)` writes the `trials`, `metrics` and `experts` tables of a
-made-up sweep through the real `Store`, with trials that come from a real `SweepSpec` expansion (dense
+`synthetic_store(root, n_trials=18, n_steps=50)` writes the `trials`, `metrics`, `experts` and `routing`
+tables of a made-up sweep through the real `Store`, with trials that come from a real `SweepSpec` expansion (dense
 ladder-2/3/4 baselines + MoE trials on ladder-2: axes `model.moe.n_experts` x `upcycle.noise_std`, upcycled
 from ladder-2, seeds 0, 1, ...), so every column the platform writes is there with its real type.
 
@@ -9,7 +9,8 @@ Losses follow a Chinchilla-like law with a known answer, so fits can be checked:
 
     L(N, D) = 1.7 + 60 / N_eff^0.35 + 30 / D^0.3,   N_eff = params_active * (n_experts / top_k)^0.3 (MoE)
 
-plus a per-seed offset and per-step noise; an upcycling noise of 1e-2 costs +0.02. `restarts` trials have a
+plus a per-seed offset and per-step noise; an upcycling noise of 1e-2 costs +0.02. MoE trials route the
+synthetic source's 4 domains to experts that specialise over training (see `_routing`). `restarts` trials have a
 second attempt that rewrites the last half of their steps (readers must keep attempt 1's rows), and
 `diverged` trials end in NaN with status `diverged`.
 """
@@ -19,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import zlib
 from typing import Any
 
 import numpy as np
@@ -40,7 +42,7 @@ class SyntheticStore:
     restarted: list[str]  # trials with an attempt 1
     diverged: list[str]  # trials that end in NaN (fewer logged steps)
     logged: dict[str, list[int]]  # trial_id -> the steps that survive deduplication
-    moe: list[str]  # trials with an experts table
+    moe: list[str]  # trials with an experts (and a routing) table
 
 
 def synthetic_spec(sweep: str = "synthetic", n_seeds: int = 2, n_steps: int = 50, log_every: int = 10) -> dict:
@@ -57,7 +59,9 @@ def synthetic_spec(sweep: str = "synthetic", n_seeds: int = 2, n_steps: int = 50
     }
 
 
-def _curves(rng: np.random.Generator, trial: Any, steps: np.ndarray, seed_offset: float) -> dict[str, np.ndarray]:
+def _curves(rng: np.random.Generator, trial: Any, steps: np.ndarray, seed_offset: float,
+            inherited_tokens: float = 0.0) -> dict[str, np.ndarray]:
+    """inherited_tokens: what an upcycled trial's dense source trained on; the law sees them too (so do fits)."""
     rc = trial.config
     tokens_per_step = rc.train.batch_size * rc.train.seq_len
     tokens = steps * tokens_per_step
@@ -65,7 +69,7 @@ def _curves(rng: np.random.Generator, trial: Any, steps: np.ndarray, seed_offset
     if trial.family == "moe":
         n_eff *= (rc.model.moe.n_experts / rc.model.moe.top_k) ** LAW["leverage_exp"]
     penalty = 0.02 if rc.upcycle.noise_std >= 1e-2 else 0.0
-    clean = LAW["E"] + LAW["A"] / n_eff ** LAW["alpha"] + LAW["B"] / np.maximum(tokens, 1) ** LAW["beta"]
+    clean = LAW["E"] + LAW["A"] / n_eff ** LAW["alpha"] + LAW["B"] / np.maximum(tokens + inherited_tokens, 1) ** LAW["beta"]
     clean = clean + penalty + seed_offset
     n = len(steps)
     total = rc.total_steps()
@@ -99,6 +103,40 @@ def _curves(rng: np.random.Generator, trial: Any, steps: np.ndarray, seed_offset
     return out
 
 
+def _sinkhorn(kernel: np.ndarray, rows: np.ndarray, cols: np.ndarray, iters: int = 60) -> np.ndarray:
+    """The matrix closest to `kernel` (in KL) with row sums `rows` and column sums `cols` (both summing to 1),
+    by alternately rescaling rows and columns. kernel: [..., K, E] > 0; rows: [..., K]; cols: [..., E]."""
+    p = kernel / kernel.sum((-2, -1), keepdims=True)
+    for _ in range(iters):
+        p *= (rows / p.sum(-1))[..., :, None]
+        p *= (cols / p.sum(-2))[..., None, :]
+    return p
+
+
+def _routing(trial: Any, steps: np.ndarray, load: np.ndarray, seed: int) -> np.ndarray:
+    """Routed slots per (step, layer, domain, expert): [n, L, K, E] int64, consistent with `load` [n, L, E].
+
+    Domain d prefers the experts e with e % K == d; how strongly grows over training (0 at step 0, faster in
+    deeper layers and with more upcycling noise, which breaks the copied experts' symmetry), plus a fixed
+    per-trial jitter. Each step's matrix has the domains' token shares as row sums and `load` as column sums
+    (Sinkhorn), times the interval's slots. Its own RNG (seeded by the trial id): the other columns' random
+    streams stay as they were before this table existed.
+    """
+    rc = trial.config
+    K, (n, L, E) = rc.data.n_domains, load.shape
+    rng = np.random.default_rng([seed, zlib.crc32(trial.trial_id.encode())])
+    prefer = (np.arange(E)[None, :] % K == np.arange(K)[:, None]).astype(float)  # [K, E]
+    progress = steps / rc.total_steps()
+    rate = (1.0 + 30.0 * rc.upcycle.noise_std) * (1.0 + 0.5 * np.arange(L))  # [L]
+    sharp = 3.0 * (1.0 - np.exp(-4.0 * progress[:, None] * rate[None, :]))  # [n, L]
+    jitter = rng.normal(0.0, 0.3, (L, K, E))
+    kernel = np.exp(sharp[:, :, None, None] * prefer + jitter * (sharp[:, :, None, None] / 3.0))
+    prior = rng.dirichlet(np.full(K, 20.0))  # the domains' token shares, near uniform
+    share = _sinkhorn(kernel, np.broadcast_to(prior, (n, L, K)), load)
+    slots = rc.train.batch_size * rc.train.seq_len * rc.train.log_every * rc.model.moe.top_k
+    return np.rint(share * slots).astype(np.int64)
+
+
 def synthetic_store(root: str | os.PathLike | Store, *, n_trials: int | None = None, n_steps: int = 50,
                     sweep: str = "synthetic", log_every: int = 10, seed: int = 0, experts: bool = True,
                     restarts: int = 1, diverged: int = 1, batch_steps: int | None = None) -> SyntheticStore:
@@ -112,6 +150,7 @@ def synthetic_store(root: str | os.PathLike | Store, *, n_trials: int | None = N
     # Seed-major, so a truncated list holds whole seeds (baselines before the trials upcycled from them).
     trials = sorted(expand(parse_spec(synthetic_spec(sweep, n_seeds, n_steps, log_every))), key=lambda t: t.seed)
     trials = trials[: (n_trials if n_trials is not None else len(trials))]
+    by_id = {t.trial_id: t for t in trials}
     store = root if isinstance(root, Store) else Store(root, batch_rows=10**9, flush_s=math.inf)
     rng = np.random.default_rng(seed)
     seed_offsets = {s: rng.normal(0, 0.01) for s in range(n_seeds)}
@@ -129,10 +168,18 @@ def synthetic_store(root: str | os.PathLike | Store, *, n_trials: int | None = N
             store.append_metrics(sweep, trial.trial_id, attempt, {k: v[start:end] for k, v in cols.items()})
             store.flush(sweep, trial.trial_id)
 
-    for trial in trials:
-        cols = _curves(rng, trial, steps, seed_offsets[trial.seed])
+    def curves(trial: Any, attempt: int) -> dict[str, np.ndarray]:
+        src = by_id.get(trial.depends_on) if trial.depends_on else None
+        inherited = float(steps[-1] * src.config.train.batch_size * src.config.train.seq_len) if src else 0.0
+        cols = _curves(rng, trial, steps, seed_offsets[trial.seed], inherited)
+        if "expert_load" in cols and experts:
+            cols["expert_domain"] = _routing(trial, steps, cols["expert_load"], seed + 1000 * attempt)
         if not experts:
             cols.pop("expert_load", None)
+        return cols
+
+    for trial in trials:
+        cols = curves(trial, 0)
         n = len(steps)
         status, attempt = "finished", 0
         if trial.trial_id in div:
@@ -143,9 +190,7 @@ def synthetic_store(root: str | os.PathLike | Store, *, n_trials: int | None = N
         if trial.trial_id in restarted:
             half, crash = n // 2, max(n // 2 + 1, int(0.7 * n))
             write(trial, 0, cols, 0, crash)
-            again = _curves(rng, trial, steps, seed_offsets[trial.seed])
-            if not experts:
-                again.pop("expert_load", None)
+            again = curves(trial, 1)
             write(trial, 1, {k: v[:n] for k, v in again.items()}, half, n)
             cols = {k: (np.concatenate([cols[k][:half], again[k][half:n]]) if k in again else v)
                     for k, v in cols.items()}
@@ -154,7 +199,7 @@ def synthetic_store(root: str | os.PathLike | Store, *, n_trials: int | None = N
             write(trial, 0, cols, 0, n)
         logged[trial.trial_id] = [int(s) for s in cols["step"]]
         row = trial.row()
-        last = {k: v[n - 1] for k, v in cols.items() if k != "expert_load"}
+        last = {k: v[n - 1] for k, v in cols.items() if k not in ("expert_load", "expert_domain")}
         evals = cols["eval_loss"][~np.isnan(cols["eval_loss"])]
         row.update(status=status, attempt=attempt, final_step=int(last["step"]), final_tokens=int(last["tokens"]),
                    final_flops=float(last["flops"]), final_loss=float(last["loss"]),

@@ -2,9 +2,10 @@
 
 `StoreSink` writes the results store (`moelab.platform.store`): the `trials` row of each trial (status
 pending -> running -> finished / failed / diverged, attempt, final metrics, error text, final checkpoint),
-its logged steps (`metrics`) and expert loads (`experts`). Rows are buffered by the Store and written in
-batches; a trial's buffer is also flushed whenever a result carries a checkpoint, so everything up to the
-newest checkpoint that Ray Train can resume from is on storage.
+its logged steps (`metrics`), expert loads (`experts`) and, when the data has domains, routed tokens per
+domain and expert (`routing`). Rows are buffered by the Store and written in batches; a trial's buffer is
+also flushed whenever a result carries a checkpoint, so everything up to the newest checkpoint that Ray
+Train can resume from is on storage.
 
 Attempts. Each trial's rows are written under an `attempt` number that the sink keeps: it starts at the
 controller's `start_attempt` (0 for a new trial, the stored attempt + 1 for one resumed after a crashed
@@ -36,7 +37,7 @@ from moelab.platform.worker import BACKFILL_KEY, DIVERGED_KEY
 __all__ = ["StoreSink", "WandbSink", "WandbUnavailable", "require_wandb", "wandb_mode", "CHECKPOINT_KEY", "trial_id_of", "error_text"]
 
 CHECKPOINT_KEY = "checkpoint_path"  # added by ray.tune.integration.ray_train.TuneReportCallback
-_ROW_KEYS = (*METRIC_COLUMNS, "expert_load")
+_ROW_KEYS = (*METRIC_COLUMNS, "expert_load", "expert_domain")
 ERROR_CHARS = 4000  # the tail of a traceback kept in trials.error
 
 

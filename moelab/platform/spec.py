@@ -284,8 +284,12 @@ def catalogue_path(name: str) -> Path:
     return path
 
 
-def load_spec(path_or_name: str | Path) -> SweepSpec:
-    """Read a sweep file, or a catalogue sweep by name (`noise`), and validate it (not yet expanded)."""
+def load_spec(path_or_name: str | Path, *, common: dict[str, Any] | None = None,
+              seeds: list[int] | None = None) -> SweepSpec:
+    """Read a sweep file, or a catalogue sweep by name (`noise`), and validate it (not yet expanded).
+
+    common: dotted config keys merged over the file's `common` (the command line's `--set`, e.g. fewer
+    steps for a quick look); seeds: replaces the file's `seeds` (baselines with their own seeds keep them)."""
     path = Path(path_or_name)
     if not path.is_file():
         if path.suffix in (".yaml", ".yml") or "/" in str(path_or_name):
@@ -296,6 +300,10 @@ def load_spec(path_or_name: str | Path) -> SweepSpec:
         data = yaml.load(path.read_text(), Loader=_Yaml12Loader)
     except yaml.YAMLError as e:
         raise SpecError(f"{path}: not valid YAML: {e}") from None
+    if isinstance(data, dict) and common:
+        data["common"] = {**_flatten(data.get("common") or {}), **common}
+    if isinstance(data, dict) and seeds is not None:
+        data["seeds"] = list(seeds)
     return parse_spec(data, str(path))
 
 

@@ -1,10 +1,12 @@
-"""The results store: Parquet tables `trials`, `metrics`, `experts` (design.md "Tables") under one root.
+"""The results store: Parquet tables `trials`, `metrics`, `experts`, `routing` (design.md "Tables") under one
+root.
 
 Layout (Hive-partitioned by sweep; the root is a local directory or any pyarrow.fs URI such as s3://b/p)::
 
     ROOT/trials/sweep=S/TRIAL_ID.parquet                       one row; rewritten whole on every change
     ROOT/metrics/sweep=S/TRIAL_ID.aATTEMPT.sFIRST-LAST.parquet  one batch of logged steps FIRST..LAST
     ROOT/experts/sweep=S/TRIAL_ID.aATTEMPT.sFIRST-LAST.parquet  expert load of the same steps
+    ROOT/routing/sweep=S/TRIAL_ID.aATTEMPT.sFIRST-LAST.parquet  routed tokens per domain x expert, same steps
 
 Guarantees:
   * A file is visible whole or not at all: on a local disk it is written to a hidden `.tmp-*` name in the
@@ -16,7 +18,10 @@ Guarantees:
     (sweep, trial_id, step), the row of the highest attempt.
 
 Metric rows are the training loop's dicts; `expert_load` (a list per MoE layer of per-expert load fractions)
-is split off into `experts` (layer = index among the MoE layers). Keys outside `METRIC_COLUMNS` are dropped:
+is split off into `experts` (layer = index among the MoE layers), and `expert_domain` (only when the data
+has domains: a list per MoE layer of [n_domains][n_experts] routed-slot counts over the log interval) into
+`routing`, one row per (step, layer, domain, expert), zero counts included, so a restarted attempt's rows
+replace every row of the step. Keys outside `METRIC_COLUMNS` are dropped:
 Ray Tune adds bookkeeping keys (`training_iteration`, `time_this_iter_s`, ...) that are not metrics.
 """
 
@@ -40,10 +45,11 @@ import pyarrow.parquet as pq
 
 __all__ = [
     "Store", "StoreError", "TABLES", "STATUSES", "METRIC_COLUMNS", "METRICS_SCHEMA", "EXPERTS_SCHEMA",
+    "ROUTING_SCHEMA",
     "TRIAL_TYPES", "resolve_root", "list_files", "partition_dir",
 ]
 
-TABLES = ("trials", "metrics", "experts")
+TABLES = ("trials", "metrics", "experts", "routing")
 STATUSES = ("pending", "running", "finished", "failed", "diverged")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # sweep and trial ids: safe in paths, keys and URIs
 
@@ -58,6 +64,10 @@ METRICS_SCHEMA = pa.schema([("trial_id", pa.string()), ("attempt", pa.int64()),
                             *[(k, t) for k, t in METRIC_COLUMNS.items()]])
 EXPERTS_SCHEMA = pa.schema([("trial_id", pa.string()), ("attempt", pa.int64()), ("step", pa.int64()),
                             ("layer", pa.int32()), ("expert", pa.int32()), ("load", pa.float32())])
+# routing: tokens (routed slots: a token counts once per top-k expert that computed it) per domain and expert
+ROUTING_SCHEMA = pa.schema([("trial_id", pa.string()), ("attempt", pa.int64()), ("step", pa.int64()),
+                            ("layer", pa.int32()), ("domain", pa.int32()), ("expert", pa.int32()),
+                            ("tokens", pa.int64())])
 SWEEP_FIELD = pa.field("sweep", pa.string())
 
 # trials: the fixed columns. Other keys of a trial row (axis labels, the flattened config `model.d_model`,
@@ -214,17 +224,44 @@ def _experts_table(trial_id: str, attempt: int, items: list[tuple[int, Any]]) ->
                      "load": pa.array(cat(loads, np.float32))}, schema=EXPERTS_SCHEMA)
 
 
+def _routing_table(trial_id: str, attempt: int, items: list[tuple[int, Any]]) -> pa.Table:
+    """items: (step, counts) with counts a list per MoE layer of [n_domains, n_experts] -> ROUTING_SCHEMA rows,
+    ordered by (step, layer, domain, expert)."""
+    cols: dict[str, list[np.ndarray]] = {"step": [], "layer": [], "domain": [], "expert": [], "tokens": []}
+    for step, counts in items:
+        for layer, mat in enumerate(counts):
+            c = np.asarray(mat)
+            if c.ndim != 2:
+                raise StoreError(f"routing: step {step} layer {layer}: counts of shape {c.shape}; allowed: "
+                                 f"[n_domains, n_experts]")
+            if np.any(c != np.round(c)) or np.any(c < 0):
+                raise StoreError(f"routing: step {step} layer {layer}: counts must be whole numbers >= 0")
+            domain, expert = np.indices(c.shape, dtype=np.int32)
+            cols["step"].append(np.full(c.size, step, np.int64))
+            cols["layer"].append(np.full(c.size, layer, np.int32))
+            cols["domain"].append(domain.ravel())
+            cols["expert"].append(expert.ravel())
+            cols["tokens"].append(c.astype(np.int64).ravel())
+    dtypes = {"step": np.int64, "tokens": np.int64}
+    cat = {k: np.concatenate(v) if v else np.zeros(0, dtypes.get(k, np.int32)) for k, v in cols.items()}
+    n = len(cat["step"])
+    return pa.table({"trial_id": pa.array([trial_id] * n, pa.string()),
+                     "attempt": pa.array(np.full(n, attempt, np.int64)),
+                     **{k: pa.array(v) for k, v in cat.items()}}, schema=ROUTING_SCHEMA)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # The writer
 
 
 class _Buffer:
-    __slots__ = ("rows", "tables", "experts", "since")
+    __slots__ = ("rows", "tables", "experts", "routing", "since")
 
     def __init__(self) -> None:
         self.rows: list[dict[str, Any]] = []
         self.tables: list[pa.Table] = []
-        self.experts: list[tuple[int, Any]] = []
+        self.experts: list[tuple[int, Any]] = []  # (step, expert_load)
+        self.routing: list[tuple[int, Any]] = []  # (step, expert_domain)
         self.since = time.monotonic()
 
     def __len__(self) -> int:
@@ -234,7 +271,7 @@ class _Buffer:
 class Store:
     """Writes the tables under `root` (a directory or a pyarrow.fs URI). Thread-safe.
 
-    Metric and expert rows are buffered per (sweep, trial, attempt) and written as one Parquet file per
+    Metric, expert and routing rows are buffered per (sweep, trial, attempt) and written as one Parquet file per
     batch once `batch_rows` metric rows are waiting or `flush_s` seconds have passed since the batch began
     (checked when rows arrive), and on `flush()` / `close()` / leaving a `with` block. Trial rows are
     written at once.
@@ -313,16 +350,19 @@ class Store:
     def append_metrics(self, sweep: str, trial_id: str, attempt: int,
                        rows: Iterable[Mapping[str, Any]] | Mapping[str, Sequence[Any]]) -> None:
         """Buffer logged steps of one trial attempt: a list of row dicts (the training loop's), or a mapping of
-        equal-length columns (numpy arrays; `expert_load` then shaped steps x layers x experts)."""
+        equal-length columns (numpy arrays; `expert_load` then shaped steps x layers x experts, `expert_domain`
+        steps x layers x domains x experts)."""
         key = (_check_name("sweep", sweep), _check_name("trial_id", trial_id), int(attempt))
         with self._lock:
             buf = self._buffers.setdefault(key, _Buffer())
             if isinstance(rows, Mapping):
                 table, load = _columnar_metrics(trial_id, key[2], rows)
                 buf.tables.append(table)
+                steps = table.column("step").to_pylist()
                 if load is not None:
-                    steps = table.column("step").to_pylist()
                     buf.experts.extend(zip(steps, load))
+                if rows.get("expert_domain") is not None:
+                    buf.routing.extend(zip(steps, rows["expert_domain"]))
             else:
                 for r in rows:
                     if r.get("step") is None:
@@ -330,6 +370,8 @@ class Store:
                     load = r.get("expert_load")
                     if load is not None:
                         buf.experts.append((int(r["step"]), load))
+                    if r.get("expert_domain") is not None:
+                        buf.routing.append((int(r["step"]), r["expert_domain"]))
                     buf.rows.append(r)
             self._maybe_flush(key, buf)
 
@@ -342,8 +384,17 @@ class Store:
             buf.experts.append((int(step), expert_load))
             self._maybe_flush(key, buf)
 
+    def append_routing(self, sweep: str, trial_id: str, attempt: int, step: int,
+                       expert_domain: Sequence[Any]) -> None:
+        """Buffer the routed-token counts of one step: a list per MoE layer of [n_domains][n_experts] counts."""
+        key = (_check_name("sweep", sweep), _check_name("trial_id", trial_id), int(attempt))
+        with self._lock:
+            buf = self._buffers.setdefault(key, _Buffer())
+            buf.routing.append((int(step), expert_domain))
+            self._maybe_flush(key, buf)
+
     def _maybe_flush(self, key: tuple[str, str, int], buf: _Buffer) -> None:
-        if len(buf) >= self.batch_rows or len(buf.experts) >= self.batch_rows \
+        if len(buf) >= self.batch_rows or max(len(buf.experts), len(buf.routing)) >= self.batch_rows \
                 or time.monotonic() - buf.since >= self.flush_s:
             self._flush_key(key)
 
@@ -367,6 +418,11 @@ class Store:
             table = _experts_table(trial_id, attempt, items)
             self.write_batch("experts", sweep, _batch_name(trial_id, attempt, items[0][0], items[-1][0]), table)
             written += 1
+        if buf.routing:
+            items = sorted({step: counts for step, counts in buf.routing}.items())  # a step twice: the last wins
+            table = _routing_table(trial_id, attempt, items)
+            self.write_batch("routing", sweep, _batch_name(trial_id, attempt, items[0][0], items[-1][0]), table)
+            written += 1
         return written
 
     def flush(self, sweep: str | None = None, trial_id: str | None = None) -> int:
@@ -377,14 +433,15 @@ class Store:
             return sum(self._flush_key(k) for k in keys)
 
     def compact(self, sweep: str, trial_id: str | None = None) -> int:
-        """Merge each trial's metric (and expert) batches into one deduplicated file; returns how many files
+        """Merge each trial's metric (expert, routing) batches into one deduplicated file; returns how many files
         were removed. For finished trials: reading is mostly a cost per file, and a trial flushed every
         `flush_s` for hours leaves hundreds. The merged file is written (atomically) before the old ones are
         deleted, so a reader never misses rows (it may see both for a moment; its dedupe hides that)."""
         _check_name("sweep", sweep)
         self.flush(sweep, trial_id)
         removed = 0
-        for table, keys in (("metrics", ["step"]), ("experts", ["step", "layer", "expert"])):
+        for table, keys in (("metrics", ["step"]), ("experts", ["step", "layer", "expert"]),
+                            ("routing", ["step", "layer", "domain", "expert"])):
             files = list_files(self.fs, self.root, table, [sweep], None if trial_id is None else [trial_id])
             by_trial: dict[str, list[str]] = {}
             for path in files:

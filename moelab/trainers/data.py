@@ -184,6 +184,7 @@ class TokenSource:
 
     vocab_size: int
     tokenizer: ByteTokenizer | HFTokenizer | None = None  # None when ids are not text (synthetic)
+    n_domains: int = 0  # > 0: every Batch carries `domains` in 0..n_domains-1 (the synthetic mixture)
 
     def batch(self, split: str, index: int, batch_size: int, seq_len: int) -> Batch:
         """Batch number `index` of `split`; a pure function of (seed, split, index, batch_size, seq_len)."""

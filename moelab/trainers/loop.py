@@ -33,6 +33,7 @@ from moelab.trainers.config import ConfigError, RunConfig, to_dict
 from moelab.trainers.data import TokenSource, build_source
 from moelab.trainers.hardware import peak_flops
 from moelab.trainers.model import Transformer, build_model
+from moelab.trainers.moe import domain_expert_counts
 from moelab.trainers.optim import build_optimizer, set_lr
 
 if TYPE_CHECKING:
@@ -100,6 +101,8 @@ class StepStats:
     """MoE statistics summed over the steps since the last log line."""
 
     load: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: slots per expert [E]
+    # per MoE layer: slots per (domain, expert) [n_domains, E] int64; empty when batches carry no domains
+    domain: list[torch.Tensor] = field(default_factory=list)
     dropped: float = 0.0
     slots: float = 0.0
     entropy: float = 0.0
@@ -279,18 +282,24 @@ class Trainer:
         """One optimiser step over `batch_size` sequences in micro-batches. Returns scalar metrics."""
         t = self.rc.train
         lr = set_lr(self.opt, self.step, self.total_steps, self.rc.optim)
-        batch = self.source.batch("train", self.step, t.batch_size, t.seq_len).tokens.to(self.device)
+        b = self.source.batch("train", self.step, t.batch_size, t.seq_len)
+        batch = b.tokens.to(self.device)
+        # Routing per domain is counted only where the source knows each row's domain (synthetic).
+        domains = b.domains.to(self.device) if b.domains is not None and self.source.n_domains else None
         n_micro = t.batch_size // self.micro
         ce_sum = aux_sum = z_sum = 0.0
-        for mb in batch.split(self.micro):
+        for i, mb in enumerate(batch.split(self.micro)):
+            dom = None if domains is None else domains[i * self.micro:(i + 1) * self.micro]
             if self.par:
                 mb = self.par.local_rows(mb)
+                dom = None if dom is None else self.par.local_rows(dom)
             obj, ce, moe = self._loss(mb)
             (obj / n_micro).backward()
             ce_sum += ce.detach()
             aux_sum += moe["aux_loss"].detach()
             z_sum += moe["z_loss"].detach()
-            self._collect(stats)
+            # a row's S input tokens share its domain; token t of the micro-batch is row t // S (see MoE.forward)
+            self._collect(stats, None if dom is None else dom.repeat_interleave(mb.shape[1] - 1))
         if self.par:  # every rank sees the same, global values (and so agrees on divergence)
             ce_sum, aux_sum, z_sum = self.par.all_reduce(torch.stack([ce_sum, aux_sum, z_sum]), "mean").tolist()
         loss = float(ce_sum) / n_micro
@@ -320,12 +329,21 @@ class Trainer:
         return {"loss": loss, "aux_loss": float(aux_sum) / n_micro, "z_loss": float(z_sum) / n_micro,
                 "lr": lr, "grad_norm": grad_norm}
 
-    def _collect(self, stats: StepStats) -> None:
+    def _collect(self, stats: StepStats, token_domains: torch.Tensor | None = None) -> None:
+        """Add the last forward's MoE statistics to `stats`. token_domains: [T] the domain of each token of
+        that forward (None: no per-domain counts)."""
         layers = self.model.moe_layers()
         if not stats.load:
             stats.load = [torch.zeros_like(m.stats["load"]) for _, m in layers]
-        for acc, (_, m) in zip(stats.load, layers):
+        if token_domains is not None and not stats.domain:
+            K = self.source.n_domains
+            stats.domain = [torch.zeros(K, m.n_experts, dtype=torch.int64, device=m.stats["load"].device)
+                            for _, m in layers]
+        for i, (acc, (_, m)) in enumerate(zip(stats.load, layers)):
             acc += m.stats["load"]
+            if token_domains is not None:
+                stats.domain[i] += domain_expert_counts(m.stats["topk_idx"], token_domains,
+                                                        self.source.n_domains, m.n_experts)
             stats.dropped += float(m.stats["dropped"])
             stats.slots += float(m.stats["slots"])
             stats.entropy += float(m.stats["router_entropy"])
@@ -335,14 +353,20 @@ class Trainer:
         """MoE statistics summed over all ranks (entropy stays a mean over every rank's micro-batches)."""
         if not self.par or not stats.load:
             return stats
+        # One all-reduce for everything; float64 holds the int64 domain counts exactly (below 2^53).
         flat = torch.cat([torch.stack(stats.load).double().flatten(),
+                          *[d.double().flatten() for d in stats.domain],
                           torch.tensor([stats.dropped, stats.slots, stats.entropy, stats.n_entropy],
                                        dtype=torch.float64, device=stats.load[0].device)])
         flat = self.par.all_reduce(flat)
         n = sum(l.numel() for l in stats.load)
+        nd = sum(d.numel() for d in stats.domain)
         loads = flat[:n].float().split([l.numel() for l in stats.load])
-        dropped, slots, entropy, n_entropy = flat[n:].tolist()
-        return StepStats(load=list(loads), dropped=dropped, slots=slots, entropy=entropy, n_entropy=int(n_entropy))
+        domain = [c.round().long().view_as(d) for c, d in
+                  zip(flat[n:n + nd].split([d.numel() for d in stats.domain]), stats.domain)]
+        dropped, slots, entropy, n_entropy = flat[n + nd:].tolist()
+        return StepStats(load=list(loads), domain=domain, dropped=dropped, slots=slots, entropy=entropy,
+                         n_entropy=int(n_entropy))
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -365,13 +389,17 @@ class Trainer:
 
     @staticmethod
     def moe_metrics(stats: StepStats) -> dict[str, Any]:
-        """Expert load per layer (fractions), imbalance (max/mean, averaged over layers), drop fraction."""
+        """Expert load per layer (fractions), imbalance (max/mean, averaged over layers), drop fraction; with
+        domains also `expert_domain`: per layer the routed slots per (domain, expert), [n_domains][E] ints."""
         if not stats.load:
             return {}
         fracs = [(l / l.sum().clamp_min(1)).tolist() for l in stats.load]
         imb = [float(l.max() / l.mean().clamp_min(1e-9)) for l in stats.load]
-        return {"imbalance": sum(imb) / len(imb), "drop_frac": stats.dropped / max(stats.slots, 1.0),
-                "router_entropy": stats.entropy / max(stats.n_entropy, 1), "expert_load": fracs}
+        out = {"imbalance": sum(imb) / len(imb), "drop_frac": stats.dropped / max(stats.slots, 1.0),
+               "router_entropy": stats.entropy / max(stats.n_entropy, 1), "expert_load": fracs}
+        if stats.domain:
+            out["expert_domain"] = [d.tolist() for d in stats.domain]
+        return out
 
     # -- the run ------------------------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
@@ -435,7 +463,7 @@ class Trainer:
         return summary
 
     def summary(self, last: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in last.items() if k != "expert_load"}
+        out = {k: v for k, v in last.items() if k not in ("expert_load", "expert_domain")}
         out.update(status="finished", steps=self.step, params=self.rc.model.param_counts(),
                    flops_per_token=self.flops_per_token, metrics=str(self.metrics_path),
                    checkpoint=str(self.checkpoint_path or self.out_dir / CHECKPOINT), data=self.source.describe())

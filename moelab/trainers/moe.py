@@ -79,6 +79,25 @@ def capacity_mask(topk_idx: torch.Tensor, n_experts: int, capacity: int) -> torc
     return (position < capacity).view_as(topk_idx)
 
 
+def domain_expert_counts(topk_idx: torch.Tensor, domains: torch.Tensor, n_domains: int,
+                         n_experts: int) -> torch.Tensor:
+    """Routed slots per (domain, expert): how specialised the experts are on a mixture of domains.
+
+    topk_idx: [T, k] expert per slot, -1 = dropped (not counted, like `load`); domains: [T] the domain of
+    each token -> counts: [n_domains, n_experts] int64, summing over domains to the layer's `load`.
+    One scatter-add over flat (domain, expert) ids into a buffer of fixed size; dropped slots go to an extra
+    bin that is cut off. Neither a boolean mask nor bincount (which sizes its output from the largest id):
+    both would wait for the device to report a size.
+    """
+    T, k = topk_idx.shape
+    n = n_domains * n_experts
+    cell = domains.view(T, 1) * n_experts + topk_idx
+    cell = torch.where(topk_idx >= 0, cell, n).reshape(-1)
+    counts = torch.zeros(n + 1, dtype=torch.int64, device=topk_idx.device)
+    counts.scatter_add_(0, cell, torch.ones_like(cell))
+    return counts[:n].view(n_domains, n_experts)
+
+
 class MoE(nn.Module):
     """Routed experts (+ shared experts). Input and output x: [B, S, d]."""
 
@@ -142,6 +161,7 @@ class MoE(nn.Module):
             ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
             self.stats = {
                 "load": load,  # computed slots per expert [E]
+                "topk_idx": topk_idx,  # [T, k] computed expert per slot, -1 = dropped (per-domain counts)
                 "dropped": (topk_idx < 0).sum().float(),
                 "slots": torch.tensor(float(T * k), device=x.device),
                 "router_entropy": ent,

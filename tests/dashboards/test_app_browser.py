@@ -150,8 +150,8 @@ VIEW_CHECKS = {
     "effects": lambda p: (wait_traces(p, "effects-graph", 2), wait_rows(p, "effects-grid", 2)),
     "scaling": lambda p: (wait_traces(p, "scaling-graph", 7), wait_rows(p, "scaling-grid", 2)),
     "experts": lambda p: (wait_traces(p, "experts-heatmap", 1), wait_traces(p, "experts-time", 1),
-                          wait_traces(p, "experts-imbalance", 4),
-                          p.wait_for_selector("#experts-note:has-text('not recorded in this store')")),
+                          wait_traces(p, "experts-domain", 1), wait_traces(p, "experts-special", 2),
+                          wait_traces(p, "experts-imbalance", 4)),
     "parallel": lambda p: wait_traces(p, "parallel-graph", 1),
 }
 
@@ -168,6 +168,14 @@ def test_every_view_renders(server, page, tmp_path, view):
         assert dims == ["model.moe.n_experts", "upcycle.noise_std", "final_loss"]
     if view == "scaling":
         assert page.locator("#scaling-note").inner_text().startswith("Dense law from a fit of the dense runs")
+    if view == "experts":  # the domain x expert heatmap of the fixture's routing table: 4 domains, rows sum to 1
+        heat = page.evaluate("(() => { const t = document.querySelector('#experts-domain .js-plotly-plot')"
+                             "._fullData[0]; return {type: t.type, y: Array.from(t.y),"  # z decoded from binary
+                             " sums: Array.from(t.z, r => Array.from(r).reduce((a, b) => a + b, 0))} })()")
+        assert heat["type"] == "heatmap" and heat["y"] == ["0", "1", "2", "3"]
+        assert heat["sums"] == pytest.approx([1.0] * 4)
+        assert trace_names(page, "experts-special") == ["layer 0", "layer 1"]
+        assert "routing" not in page.locator("#experts-note").inner_text()
     shoot(page, tmp_path, view)
 
 
@@ -210,6 +218,29 @@ def test_csv_download(server, page, tmp_path):
     dl.value.save_as(str(path))
     df = pd.read_csv(path)
     assert len(df) == 17 and "trial_id" in df and set(df.status) == {"finished"}
+
+
+def test_experts_view_without_routing_says_why(tmp_path, browser, make_dash_store):
+    info = make_dash_store(str(tmp_path / "s"), n_trials=9, n_steps=5, experts=False, restarts=0, diverged=0)
+    real = info.moe[-1]
+    with Store(info.root) as st:  # as if this run had trained on real text: no domains to route by
+        st.update_trial(info.sweep, real, **{"data.source": "stdlib"})
+    s = Server(info.root)
+    ctx = browser.new_context(viewport={"width": 1200, "height": 900})
+    page = ctx.new_page()
+    page.set_default_timeout(TIMEOUT_MS)
+    try:
+        page.goto(s.url(f"?view=experts&trial={info.moe[0]}"))
+        page.wait_for_selector("#experts-note:has-text('the `routing` table has no rows for it')")
+        wait_traces(page, "experts-domain", 0)  # a message instead of a heatmap
+        assert "No expert-vs-domain routing" in page.locator("#experts-domain").inner_text()
+        page.goto(s.url(f"?view=experts&trial={real}"))
+        page.wait_for_selector("#experts-note:has-text(\"this run's source is 'stdlib'\")")
+        wait_traces(page, "experts-domain", 0)
+        assert "Traceback" not in page.content()
+    finally:
+        ctx.close()
+        s.close()
 
 
 def test_missing_store_then_written(tmp_path, browser, make_dash_store):

@@ -94,6 +94,21 @@ def test_expert_figures(dash_store, views):
     assert "No expert load" in F.expert_heatmap(pd.DataFrame(), None).layout.annotations[0].text
 
 
+def test_domain_routing_figures(dash_store, views):
+    r, t, *_ = views
+    g = r.routing(dash_store.sweep, dash_store.moe[0])
+    step, share = Q.domain_share_at(g, 1, None)
+    heat = F.domain_heatmap(share, step, 1, dash_store.moe[0])
+    z = np.asarray(heat.data[0].z)
+    assert len(heat.data) == 1 and heat.data[0].type == "heatmap"
+    assert z.shape == (4, share.shape[1]) and np.allclose(z.sum(axis=1), 1.0)  # rows: a domain's tokens
+    assert f"Layer 1 at step {dash_store.steps[-1]}" in heat.layout.title.text
+    spec = F.specialisation_figure(Q.specialisation(g))
+    assert [tr.name for tr in spec.data] == ["layer 0", "layer 1"] and len(spec.data[0].x) == len(dash_store.steps)
+    assert "No domain routing" in F.domain_heatmap(pd.DataFrame(), None, 0).layout.annotations[0].text
+    assert "No domain routing" in F.specialisation_figure(pd.DataFrame()).layout.annotations[0].text
+
+
 def test_parallel_and_overview_figures(views):
     _, t, _, tl = views
     pf = Q.parallel_frame(tl, "final_loss")

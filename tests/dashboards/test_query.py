@@ -173,6 +173,45 @@ def test_expert_summaries_hand_computed():
     assert Q.expert_load_over_time(e, 5).empty
 
 
+def _routing(counts, step=10, layer=0):
+    """Routing rows of one (step, layer) from a [domains, experts] count matrix."""
+    c = np.asarray(counts)
+    d, e = np.indices(c.shape)
+    return pd.DataFrame({"step": step, "layer": layer, "domain": d.ravel(), "expert": e.ravel(),
+                         "tokens": c.ravel()})
+
+
+def test_specialisation_hand_computed():
+    r = pd.concat([
+        _routing([[5, 0, 0, 0], [0, 3, 4, 0], [0, 0, 0, 9]], step=10),  # every expert sees one domain
+        _routing([[2, 2, 4, 0], [1, 1, 2, 0], [3, 3, 6, 0]], step=20),  # same proportions in every domain
+        _routing([[3, 1], [1, 3]], step=10, layer=1),  # I / H = 1 - H_b(1/4) / log 2
+        _routing([[3, 0], [0, 0]], step=10, layer=2),  # one domain: nothing to tell apart
+    ])
+    spec = Q.specialisation(r).set_index(["layer", "step"]).specialisation
+    assert spec[(0, 10)] == pytest.approx(1.0) and spec[(0, 20)] == pytest.approx(0.0, abs=1e-12)
+    hb = -(0.25 * math.log(0.25) + 0.75 * math.log(0.75))
+    assert spec[(1, 10)] == pytest.approx(1 - hb / math.log(2))
+    # the same from the definition, p(d, e) log(p(d, e) / (p(d) p(e))) summed, over H(D)
+    p = np.array([[3, 1], [1, 3]]) / 8
+    mi = (p * np.log(p / np.outer(p.sum(1), p.sum(0)))).sum()
+    assert spec[(1, 10)] == pytest.approx(mi / math.log(2))
+    assert math.isnan(spec[(2, 10)])
+    assert list(Q.specialisation(r.iloc[0:0]).columns) == ["step", "layer", "specialisation"]
+
+
+def test_domain_share_at():
+    r = pd.concat([_routing([[5, 0, 0], [0, 3, 4]], step=10), _routing([[1, 1, 2], [0, 0, 0]], step=20),
+                   _routing([[9, 9, 9], [9, 9, 9]], step=10, layer=1)])
+    used, share = Q.domain_share_at(r, 0, 12)
+    assert used == 10 and share.shape == (2, 3)
+    assert np.allclose(share.to_numpy(), [[1, 0, 0], [0, 3 / 7, 4 / 7]])
+    used, share = Q.domain_share_at(r, 0)  # the last step; a domain without tokens is NaN, not 0
+    assert used == 20 and np.allclose(share.loc[0], [0.25, 0.25, 0.5]) and share.loc[1].isna().all()
+    used, share = Q.domain_share_at(r, 5)  # a layer without rows
+    assert used is None and share.empty
+
+
 def test_sweeps_overview_counts():
     t = _trials(sweep=["a", "a", "a", "b"], trial_id=["1", "2", "3", "4"],
                 status=["finished", "failed", None, "running"],
@@ -202,6 +241,19 @@ def test_reader_matches_results_api(dash_store, reader):
     t = reader.trials()
     assert len(t) == len(ids) and set(t.trial_id) == set(ids) and (t.sweep == dash_store.sweep).all()
     assert t.loc[t.trial_id.isin(dash_store.diverged), "status"].tolist() == ["diverged"]
+
+
+def test_reader_routing(dash_store, reader):
+    tid = dash_store.restarted[0]
+    got = reader.routing(dash_store.sweep, tid)
+    ref = mr.open(dash_store.root).routing(dash_store.sweep, tid)
+    assert list(got.columns) == ["step", "layer", "domain", "expert", "tokens"] and len(got) == len(ref) > 0
+    assert got.tokens.tolist() == ref.tokens.tolist()
+    dense = [t for t in dash_store.trial_ids if t not in dash_store.moe][0]
+    assert reader.routing(dash_store.sweep, dense).empty
+    spec = Q.specialisation(got)  # the fixture's experts specialise over training
+    first, last = spec.groupby("layer").specialisation.first(), spec.groupby("layer").specialisation.last()
+    assert (first < 0.1).all() and (last > 0.3).all()
 
 
 def test_reader_order_and_missing_trials(dash_store, reader):

@@ -60,6 +60,32 @@ def test_dry_run_prints_the_trials_without_ray(capsys, no_ray):
     assert "trials (" in out.splitlines()[-2]
 
 
+def test_set_and_seeds_shrink_a_sweep(capsys, no_ray):
+    assert main(["sweep", "leverage-demo", "--dry-run"]) == 0
+    full = capsys.readouterr().out
+    assert main(["sweep", "leverage-demo", "--dry-run", "--set", "train.steps=10", "--set",
+                 "train.batch_size=2", "--seeds", "1"]) == 0
+    small = capsys.readouterr().out
+    assert "14 trials" in full and "7 trials" in small
+    assert "-s1-" in small and "-s0-" not in small
+    # 10 steps x 2 x the preset's seq_len tokens per trial, printed in the tokens column
+    from moelab.platform.spec import expand, load_spec
+
+    trials = expand(load_spec("leverage-demo", common={"train.steps": 10, "train.batch_size": 2}, seeds=[1]))
+    assert {t.config.train.steps for t in trials} == {10} and {t.config.train.batch_size for t in trials} == {2}
+    assert {t.trial_id for t in trials}.isdisjoint(full.split())  # new values, new trial ids
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--set", "train.stepz=3"], "train.stepz"),
+    (["--set", "train.steps"], "KEY=VALUE"),
+    (["--set", "train.steps=-1"], "train.steps"),
+])
+def test_bad_set_exits_2_naming_the_key(args, needle, capsys, no_ray):
+    assert main(["sweep", "leverage-demo", "--dry-run", *args]) == 2
+    assert needle in capsys.readouterr().err
+
+
 BAD = {
     "unknown key": ({"name": "b", "base": {"preset": "tiny"}, "sedes": [0]}, "sedes"),
     "wrong type": ({"name": "b", "base": {"preset": "tiny"}, "seeds": "zero"}, "seeds"),

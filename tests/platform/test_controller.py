@@ -138,6 +138,25 @@ def test_expert_rows_per_step_layer_and_expert(grid):
         assert sums.to_numpy() == pytest.approx(1.0, abs=1e-4)
 
 
+def test_routing_rows_per_step_layer_domain_and_expert(grid):
+    """Synthetic data: the trainer's per-domain counts reach the `routing` table through Ray and the sink."""
+    g, e = mr.open(grid.root).routing("grid"), mr.open(grid.root).experts("grid")
+    for tid, t in grid.ids.items():
+        rows = g[g.trial_id == tid]
+        if t.family == "dense":
+            assert rows.empty
+            continue
+        n_layers, n_experts = t.config.model.n_layers, t.config.model.moe.n_experts
+        want = LOGGED[:1] if tid == grid.nan else LOGGED
+        assert len(rows) == len(want) * n_layers * t.config.data.n_domains * n_experts, tid
+        assert sorted(rows.step.unique()) == want
+        assert not rows.duplicated(["step", "layer", "domain", "expert"]).any()
+        per = rows.groupby(["step", "layer", "expert"]).tokens.sum()  # over domains: the experts table's load
+        frac = per / per.groupby(level=[0, 1]).transform("sum")
+        load = e[e.trial_id == tid].set_index(["step", "layer", "expert"]).load
+        assert frac.to_numpy() == pytest.approx(load.reindex(frac.index).to_numpy(), abs=1e-5)
+
+
 def test_upcycled_trials_start_after_their_baseline_from_its_final_checkpoint(grid):
     rows = trial_rows(grid.root, "grid")
     base = next(t for t in grid.ids.values() if t.family == "dense").trial_id

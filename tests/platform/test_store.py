@@ -11,8 +11,16 @@ from moelab.platform.spec import expand, load_spec
 from moelab.platform.store import Store, StoreError, list_files
 
 
-def loop_rows(steps, *, loss0=5.0, layers=2, experts=4, eval_every=30):
-    """Rows shaped like the training loop's (moelab.trainers.loop): expert_load per MoE layer."""
+def routing_counts(step, *, layers=2, domains=3, experts=4, offset=0):
+    """expert_domain of one logged step, as the loop writes it: [layer][domain][expert] ints, every one
+    distinct (step, layer, domain, expert and offset can be read back from it); expert 3 gets none."""
+    return [[[0 if e == 3 else offset + step * 1000 + 100 * l + 10 * d + e for e in range(experts)]
+             for d in range(domains)] for l in range(layers)]
+
+
+def loop_rows(steps, *, loss0=5.0, layers=2, experts=4, eval_every=30, domains=0, offset=0):
+    """Rows shaped like the training loop's (moelab.trainers.loop): expert_load per MoE layer, and with
+    `domains` the per-domain routed-token counts `expert_domain`."""
     out = []
     for s in steps:
         load = np.full((layers, experts), 1 / experts)
@@ -23,6 +31,9 @@ def loop_rows(steps, *, loss0=5.0, layers=2, experts=4, eval_every=30):
                    imbalance=1.1, router_entropy=1.3, expert_load=load.tolist())
         if s % eval_every == 0:
             row["eval_loss"] = loss0 - s / 100 + 0.05
+        if domains:
+            row["expert_domain"] = routing_counts(s, layers=layers, domains=domains, experts=experts,
+                                                  offset=offset)
         out.append(row)
     return out
 
@@ -109,6 +120,53 @@ def test_dedupe_keeps_highest_attempt(tmp_path):
     q = r.sql("SELECT trial_id, count(*) AS n, max(attempt) AS a FROM metrics GROUP BY 1 ORDER BY 1")
     assert q.n.tolist() == [20, 5] and q.a.tolist() == [1, 0]
     assert r.sql("SELECT count(*) AS n FROM experts").n[0] == 25 * 8
+
+
+def test_routing_round_trip_and_dedupe_by_attempt(tmp_path):
+    st = Store(tmp_path)
+    st.append_metrics("sw", "t", 0, loop_rows(range(10, 151, 10), domains=3))  # crashed after step 150
+    st.flush()
+    st.append_metrics("sw", "t", 1, loop_rows(range(110, 201, 10), domains=3, offset=7))  # resumed at 100
+    st.append_metrics("sw", "u", 0, loop_rows(range(10, 51, 10)))  # real data: no expert_domain
+    st.close()
+    assert files(tmp_path, "routing") == ["t.a000.s000000010-000000150.parquet",
+                                          "t.a001.s000000110-000000200.parquet"]
+    r = mr.open(tmp_path)
+    g = r.routing()
+    assert list(g.columns) == ["sweep", "trial_id", "attempt", "step", "layer", "domain", "expert", "tokens"]
+    assert g.tokens.dtype == np.int64 and set(g.trial_id) == {"t"}
+    assert len(g) == 20 * 2 * 3 * 4  # every (step, layer, domain, expert) once, zero counts included
+    assert not g.duplicated(["step", "layer", "domain", "expert"]).any()
+    keys = ["sweep", "trial_id", "step", "layer", "domain", "expert"]
+    assert g.equals(g.sort_values(keys).reset_index(drop=True))
+    for row in g.itertuples():
+        offset = 7 if row.step > 100 else 0  # attempt 1's rows replace attempt 0's from step 110 on
+        assert row.attempt == (row.step > 100)
+        assert row.tokens == routing_counts(row.step, offset=offset)[row.layer][row.domain][row.expert], row
+    assert (g[g.expert == 3].tokens == 0).all()
+    assert r.routing(trials="t", steps=[10, 200]).step.unique().tolist() == [10, 200]
+    assert r.routing(trials="u").empty and r.experts(trials="u").shape[0] == 5 * 2 * 4
+    # compaction keeps the same rows, and the store reads the same through SQL
+    assert st.compact("sw") > 0 and len(files(tmp_path, "routing")) == 1
+    assert r.routing().equals(g)
+    q = r.sql("SELECT max(attempt) AS a, count(*) AS n, sum(tokens) AS s FROM routing")
+    assert (q.a[0], q.n[0], q.s[0]) == (1, len(g), g.tokens.sum())
+
+
+def test_routing_columnar_and_bad_counts(tmp_path):
+    st = Store(tmp_path)
+    steps = np.array([10, 20])
+    counts = np.arange(2 * 2 * 3 * 4).reshape(2, 2, 3, 4)  # steps x layers x domains x experts
+    st.append_metrics("sw", "t", 0, {"step": steps, "loss": np.ones(2), "expert_domain": counts})
+    st.append_routing("sw", "t", 0, 30, counts[0].tolist())
+    st.flush()
+    g = mr.open(tmp_path).routing()
+    assert len(g) == 3 * 2 * 3 * 4
+    got = g.set_index(["step", "layer", "domain", "expert"]).tokens
+    assert got[(20, 1, 2, 3)] == counts[1, 1, 2, 3] and got[(30, 0, 1, 2)] == counts[0, 0, 1, 2]
+    st.append_routing("sw", "t", 0, 40, [[1, 2, 3]])  # not [domains][experts]
+    with pytest.raises(StoreError, match="n_domains, n_experts"):
+        st.flush()
 
 
 def test_rewriting_a_batch_is_idempotent(tmp_path):
@@ -214,6 +272,8 @@ def test_empty_and_missing_roots(tmp_path):
     m = r.metrics()
     assert m.empty and {"sweep", "trial_id", "attempt", "step", "loss", "mfu"} <= set(m.columns)
     assert r.experts().empty and {"layer", "expert", "load"} <= set(r.experts().columns)
+    assert r.routing().empty and {"layer", "domain", "expert", "tokens"} <= set(r.routing().columns)
+    assert r.sql("SELECT count(*) AS n FROM routing").n[0] == 0
     t = r.trials()
     assert t.empty and {"trial_id", "status", "final_loss"} <= set(t.columns)
     assert r.sql("SELECT count(*) AS n FROM metrics").n[0] == 0
@@ -276,8 +336,12 @@ def test_synthetic_fixture(synthetic, make_store, tmp_path):
     m = r.metrics()
     assert {t: g.step.tolist() for t, g in m.groupby("trial_id")} == synthetic.logged
     assert len(list_files(r.fs, r.root, "metrics")) > 18  # several batches per trial (batch_steps=12)
+    g = r.routing()
+    assert set(g.trial_id) == set(synthetic.moe) and sorted(g.domain.unique()) == [0, 1, 2, 3]
+    assert {t: sorted(x.step.unique().tolist()) for t, x in g.groupby("trial_id")} == \
+        {t: synthetic.logged[t] for t in synthetic.moe}
     small = make_store(str(tmp_path), n_trials=5, n_steps=4, sweep="tiny", experts=False)
     r = mr.open(small.root)
     t = r.trials()
     assert len(t) == 5 and t.family.tolist().count("moe") == 2 and set(t.seed) == {0}
-    assert len(r.metrics()) == 5 * 4 - 4 + int(0.6 * 4) and r.experts().empty
+    assert len(r.metrics()) == 5 * 4 - 4 + int(0.6 * 4) and r.experts().empty and r.routing().empty

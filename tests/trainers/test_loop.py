@@ -41,6 +41,8 @@ def test_resume_equals_uninterrupted(tmp_path):
     b, rows_b = _losses(tmp_path / "b" / "metrics.jsonl")
     assert [r["step"] for r in rows_b] == list(range(1, 13))  # nothing duplicated, nothing missing
     assert a == b  # bit-identical trajectory
+    _, rows_a = _losses(tmp_path / "a" / "metrics.jsonl")
+    assert [r["expert_domain"] for r in rows_a] == [r["expert_domain"] for r in rows_b]  # routing counts too
     sa = torch.load(tmp_path / "a" / "checkpoint.pt", weights_only=False)["model"]
     sb = torch.load(tmp_path / "b" / "checkpoint.pt", weights_only=False)["model"]
     for k in sa:
@@ -89,3 +91,50 @@ def test_moe_tiny_learns_toward_bayes_floor(tmp_path):
     # at least 60% of the way from the first logged loss to the Bayes-optimal floor, never below it
     assert out["eval_loss"] < first - 0.6 * (first - floor), (first, out["eval_loss"], floor)
     assert out["eval_loss"] > floor - 0.05
+
+
+def test_expert_domain_counts_match_router_choices(tmp_path):
+    """Per-domain routing counts = a hand tally of every training forward's top-k choices (capacity drops
+    excluded) by each row's synthetic domain; eval forwards add nothing; summed over domains = expert_load."""
+    rc = _rc(**{"train.steps": 2, "train.log_every": 2, "train.eval_every": 2, "train.ckpt_every": 0,
+                "train.micro_batch_size": 2, "model.moe.capacity_factor": 1.0})
+    rows = []
+    tr = Trainer(rc, tmp_path, progress=False, report=lambda row, ckpt: rows.append(row))
+    layers = tr.model.moe_layers()
+    seen = {"train": [], "eval": []}  # per forward and MoE layer: the top-k indices after capacity drops
+    for i, (_, m) in enumerate(layers):
+        m.register_forward_hook(lambda mod, inp, out, i=i: seen["train" if torch.is_grad_enabled() else "eval"]
+                                .append((i, mod.stats["topk_idx"].clone())))
+    tr.run()
+    (row,) = rows
+    K, E, S, micro = rc.data.n_domains, rc.model.moe.n_experts, rc.train.seq_len, 2
+    want = torch.zeros(len(layers), K, E, dtype=torch.int64)
+    forwards = iter(seen["train"])
+    for step in range(2):
+        domains = tr.source.batch("train", step, rc.train.batch_size, S).domains
+        for first in range(0, rc.train.batch_size, micro):
+            for _ in layers:
+                layer, idx = next(forwards)
+                for t, slots in enumerate(idx.tolist()):
+                    for e in slots:
+                        if e >= 0:
+                            want[layer, domains[first + t // S], e] += 1
+    assert next(forwards, None) is None and seen["eval"]  # every training forward used; eval did run
+    assert row["expert_domain"] == want.tolist()
+    counts = want.sum(1).double()  # [layers, E]: routed slots per expert
+    assert counts.sum() < 2 * rc.train.batch_size * S * rc.model.moe.top_k * len(layers)  # some slots dropped
+    assert row["drop_frac"] > 0
+    torch.testing.assert_close((counts / counts.sum(1, keepdim=True)).tolist(), row["expert_load"])
+    assert "expert_domain" not in json.loads((tmp_path / "summary.json").read_text())
+
+
+def test_no_expert_domain_without_domains(tmp_path):
+    (tmp_path / "a.txt").write_text("the quick brown fox jumps over the lazy dog. " * 400)
+    rc = _rc(**{"train.steps": 2, "data.source": "files", "data.paths": [str(tmp_path / "a.txt")],
+                "data.eval_fraction": 0.2})
+    train(rc, tmp_path / "run", progress=False)
+    _, rows = _losses(tmp_path / "run" / "metrics.jsonl")
+    assert rows and all("expert_load" in r and "expert_domain" not in r for r in rows)
+    train(_rc("tiny", **{"train.steps": 2}), tmp_path / "dense", progress=False)  # dense, synthetic
+    _, rows = _losses(tmp_path / "dense" / "metrics.jsonl")
+    assert rows and all("expert_domain" not in r for r in rows)

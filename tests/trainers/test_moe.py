@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from moelab.trainers.config import ModelConfig, MoEConfig
-from moelab.trainers.moe import MoE, SwiGLU, capacity_mask
+from moelab.trainers.moe import MoE, SwiGLU, capacity_mask, domain_expert_counts
 
 
 def _moe(d=16, d_ff=24, seed=0, **moe):
@@ -163,3 +163,24 @@ def test_gradients_reach_router_and_experts():
     m(torch.randn(2, 5, 16)).sum().add(m.aux_loss + m.z_loss).backward()
     for name, p in m.named_parameters():
         assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_domain_expert_counts_hand_computed_with_drops():
+    # A fresh random batch through a layer that drops slots: the counts are a per-slot tally by the row's domain.
+    m = _moe(n_experts=4, top_k=2, capacity_factor=1.0)
+    with torch.no_grad():
+        m.router.weight[1] += 3.0  # expert 1 over capacity, so some slots are -1
+    B, S, K = 3, 7, 5
+    gen = torch.Generator().manual_seed(1)
+    m(torch.randn(B, S, 16, generator=gen).abs())
+    domains = torch.randint(0, K, (B,), generator=gen)
+    idx = m.stats["topk_idx"]
+    assert (idx < 0).any()
+    want = torch.zeros(K, 4, dtype=torch.int64)
+    for t in range(B * S):
+        for e in idx[t].tolist():
+            if e >= 0:
+                want[domains[t // S], e] += 1
+    got = domain_expert_counts(idx, domains.repeat_interleave(S), K, 4)
+    assert got.dtype == torch.int64 and torch.equal(got, want)
+    assert torch.equal(got.sum(0).float(), m.stats["load"])  # summed over domains: the layer's load

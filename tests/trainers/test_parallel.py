@@ -211,6 +211,8 @@ def test_torchrun_two_ranks_ep2_matches_single_process(tmp_path):
     assert rows[-1]["eval_loss"] == pytest.approx(ref[-1]["eval_loss"], abs=1e-4)
     flat = lambda load: [x for layer in load for x in layer]  # noqa: E731
     assert flat(rows[-1]["expert_load"]) == pytest.approx(flat(ref[-1]["expert_load"]), abs=1e-6)  # all ranks
+    # per-domain routing counts: each rank tallies its rows, the all-reduce gives the single process's counts
+    assert [r["expert_domain"] for r in rows] == [r["expert_domain"] for r in ref]
 
 
 # -- layouts that cannot work -------------------------------------------------------------------------------
