@@ -194,3 +194,29 @@ def test_a_second_run_reuses_the_finished_results(tour, ray_local):
     assert "ran 0, skipped 7 already done" in out, out[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (cwd / "results" / "metrics").rglob("*.parquet")}
     assert after == before  # no metrics file written or rewritten: nothing was retrained
+
+
+def test_tour_report_opens_offline_in_a_browser(tour):
+    """The fit report renders its figures in headless chromium with every network request refused."""
+    from playwright.sync_api import sync_playwright
+
+    cwd, _ = tour
+    report = cwd / "results" / "reports" / "fit-leverage-demo.html"
+    chromium = os.environ.get("MOELAB_CHROMIUM", "/usr/bin/chromium")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, headless=True,
+                                    args=["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run"])
+        try:
+            page = browser.new_page()
+            remote: list[str] = []
+            page.route("**/*", lambda route: route.continue_() if route.request.url.startswith("file:")
+                       else (remote.append(route.request.url), route.abort()))
+            errors: list[str] = []
+            page.on("pageerror", lambda e: errors.append(str(e)))
+            page.goto(report.as_uri())
+            page.wait_for_selector(".js-plotly-plot .main-svg", timeout=30_000)
+            n_plots = page.locator(".js-plotly-plot").count()
+        finally:
+            browser.close()
+    assert not remote and not errors, (remote, errors)
+    assert n_plots >= 3  # loss vs compute, leverage per family, per-axis effects

@@ -394,6 +394,10 @@ def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: St
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables on the console
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard copies: the store has it
+    # Ctrl-C raises KeyboardInterrupt here (the caller shuts Ray down and says how to resume) instead of Tune's
+    # own graceful stop, which returns as if the sweep had ended and points at Tuner.restore: a resume reads
+    # the store, not Tune's state.
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")
     import logging
 
     # Tune's end-of-run analysis looks for its own result files, which the disabled loggers did not write.

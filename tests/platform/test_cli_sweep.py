@@ -240,3 +240,42 @@ def test_ray_job_submit_runs_a_sweep_on_a_local_head(tmp_path, s3_root):
         infos = fs.get_file_info(pafs.FileSelector(f"{path}/_ray/job/train/{tid}", allow_not_found=True))
         assert any(i.base_name == "checkpoint-00000006" for i in infos), tid
         assert trials.set_index("trial_id").loc[tid, "checkpoint"].endswith(f"_ray/job/train/{tid}/checkpoint-00000006")
+
+
+def _ray_daemons() -> int:
+    """Running raylet processes on this machine (one per local Ray node)."""
+    out = subprocess.run(["pgrep", "-f", "raylet/raylet"], capture_output=True, text=True).stdout
+    return len(out.split())
+
+
+def test_ctrl_c_stops_the_sweep_and_its_ray(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's process group) mid-sweep: exit 130 with the resume command, and the
+    local Ray the sweep started is gone."""
+    doc = {"name": "ctrlc", "common": {**TINY, "train.steps": 2000, "train.ckpt_every": 0}, "base": {"preset": "tiny"},
+           "seeds": [0], "storage": str(tmp_path / "results")}
+    path = write(tmp_path / "ctrlc.yaml", doc)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env["RAY_AUTH_MODE"] = "disabled"
+    before = _ray_daemons()
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", "sweep", path], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    lines: list[str] = []
+    try:
+        for line in proc.stdout:  # wait until the trial runs
+            lines.append(line)
+            if ": running" in line:
+                break
+        assert _ray_daemons() == before + 1, "".join(lines)
+        time.sleep(2)
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = "".join(lines) + out
+    assert proc.returncode == 130, text[-3000:]
+    assert f"moelab sweep {path} --storage {tmp_path / 'results'} --resume" in text
+    deadline = time.time() + 30
+    while _ray_daemons() > before and time.time() < deadline:
+        time.sleep(0.5)
+    assert _ray_daemons() == before
