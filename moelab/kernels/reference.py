@@ -66,11 +66,14 @@ def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Ten
     a = xs.new_empty(S, de)
     y = xs.new_empty(S + 1, d)  # one zero row past the end, where _combine sends dropped slots
     y[S].zero_()
-    # Expert by expert, so each block's SwiGLU runs on rows still in cache from its GEMM.
+    # Expert by expert, so each block's SwiGLU runs on rows still in cache from its GEMM. One scratch buffer
+    # for silu(gate), reused: a fresh multi-MB tensor per expert costs page faults on every step.
+    tmp = xs.new_empty(max(counts, default=0), de)
     for e, rows in _blocks(counts):
         he = h[rows]
         torch.mm(xs[rows], w_gate_up[e].t(), out=he)
-        torch.mul(F.silu(he[:, :de]), he[:, de:], out=a[rows])
+        s = torch.ops.aten.silu.out(he[:, :de], out=tmp[: he.shape[0]])
+        torch.mul(s, he[:, de:], out=a[rows])
         torch.mm(a[rows], w_down[e].t(), out=y[rows])
     return h, a, y
 
@@ -122,14 +125,18 @@ class _MoEExperts(torch.autograd.Function):
             if n == 0:
                 dw_gu[e].zero_()
                 dw_down[e].zero_()
+        # Scratch buffers sized for the largest expert, reused by every expert (no per-expert page faults).
+        n_max = max(ctx.counts, default=0)
+        da_buf, s_buf, dh_buf = xs.new_empty(n_max, de), xs.new_empty(n_max, de), xs.new_empty(n_max, 2 * de)
         for e, rows in _blocks(ctx.counts):
             # Expert by expert, so the SwiGLU backward runs on rows still in cache from the GEMMs.
             dy, he = dys[rows], h[rows]
+            n = he.shape[0]
             g, u = he[:, :de], he[:, de:]
             torch.mm(dy.t(), a[rows], out=dw_down[e])
-            da = dy @ w_down[e]  # [n, d_e]
-            dh = torch.empty_like(he)
-            torch.mul(da, F.silu(g), out=dh[:, de:])
+            da = torch.mm(dy, w_down[e], out=da_buf[:n])  # [n, d_e]
+            dh = dh_buf[:n]
+            torch.mul(da, torch.ops.aten.silu.out(g, out=s_buf[:n]), out=dh[:, de:])
             torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :de])
             torch.mm(dh.t(), xs[rows], out=dw_gu[e])
             torch.mm(dh, w_gate_up[e], out=dxs[rows])

@@ -378,6 +378,9 @@ def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: St
     callbacks: list[Any] = [sink]
     if use_wandb:
         callbacks.append(WandbSink(spec.name, {t.trial_id: t.row() for t in todo}))
+    # Ray Train's controller collects worker reports when it polls them (default every 2 s): poll faster, so a
+    # small trial is not paced by the polls (the worker batches its rows to at most one report a second).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     ctx = _Context(sweep=spec.name, filesystem=ray_fs, train_path=f"{ray_path}/train", scratch=scratch,
                    workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
                    worker_retries=worker_retries,

@@ -18,7 +18,8 @@ unless W&B is configured (WANDB_MODE, WANDB_API_KEY or a `wandb login`).
 
 Both read the special rows of the Ray Train worker (`moelab.platform.worker`): `{"diverged": 1, "error":
 ...}` ends a diverged run; `{"backfill": [rows], "restored_from": checkpoint}` re-sends the rows logged just
-before the checkpoint a restarted run resumed from.
+before the checkpoint a restarted run resumed from; any row may carry `{"earlier": [rows]}`, the logged rows
+the worker batched before it (stored before it, in order).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from typing import Any
 from ray.tune import Callback
 
 from moelab.platform.store import METRIC_COLUMNS, Store
-from moelab.platform.worker import BACKFILL_KEY, DIVERGED_KEY
+from moelab.platform.worker import BACKFILL_KEY, DIVERGED_KEY, EARLIER_KEY
 
 __all__ = ["StoreSink", "WandbSink", "WandbUnavailable", "require_wandb", "wandb_mode", "CHECKPOINT_KEY", "trial_id_of", "error_text"]
 
@@ -154,7 +155,7 @@ class StoreSink(Callback):
             return
         if result.get("step") is None:
             return
-        self._rows(tid, st, [result])
+        self._rows(tid, st, [*(result.get(EARLIER_KEY) or []), result])
         if result.get(CHECKPOINT_KEY):
             st.checkpoint = result[CHECKPOINT_KEY]
             self.store.flush(self.sweep, tid)  # durable up to the checkpoint Ray Train would resume from
@@ -267,14 +268,15 @@ class WandbSink(Callback):
             return
         if BACKFILL_KEY in result or result.get("step") is None:
             return
-        step = int(result["step"])
-        if step <= self.last_step.get(tid, -1):  # W&B steps only go forward; a rerun step was logged already
-            return
-        self.last_step[tid] = step
-        data = {k: result[k] for k in METRIC_COLUMNS if k != "step" and result.get(k) is not None}
-        for layer, load in enumerate(result.get("expert_load") or []):
-            data[f"imbalance/layer{layer}"] = max(load) * len(load) if load else 0.0
-        self._run(tid).log(data, step=step)
+        for row in [*(result.get(EARLIER_KEY) or []), result]:
+            step = int(row["step"])
+            if step <= self.last_step.get(tid, -1):  # W&B steps only go forward; a rerun step was logged already
+                continue
+            self.last_step[tid] = step
+            data = {k: row[k] for k in METRIC_COLUMNS if k != "step" and row.get(k) is not None}
+            for layer, load in enumerate(row.get("expert_load") or []):
+                data[f"imbalance/layer{layer}"] = max(load) * len(load) if load else 0.0
+            self._run(tid).log(data, step=step)
 
     def _end(self, trial: Any, status: str, exit_code: int) -> None:
         run = self.runs.pop(trial_id_of(trial), None)

@@ -20,6 +20,8 @@ variable of the driver's environment to the workers (or the `env` it is given).
 For the sweep controller (`moelab.platform.controller`) the worker also:
   * ends a diverged run (`Diverged`: NaN/inf loss) by reporting one row `{"diverged": 1, "error": ...}`
     and returning normally, so that neither Ray Train nor Tune retries a run that would diverge again;
+  * batches its rows: one report per `MOELAB_REPORT_EVERY_S` (default 1 s) at most, carrying the rows
+    logged since the last one under `"earlier"`; a checkpoint, the last step and a divergence report at once;
   * reports, right after resuming from a checkpoint, one row `{"backfill": [...], "restored_from": path}`
     holding rank 0's logged rows since the checkpoint before the restored one (from `metrics.jsonl`): a
     driver that crashed between Ray persisting a checkpoint and storing the rows before it can fill that
@@ -46,6 +48,13 @@ FAULT_RANK_ENV = "MOELAB_FAULT_RANK"
 FAULT_MARKER = "fault-injected"
 DIVERGED_KEY = "diverged"  # a report row with this key ends a diverged run (see the module docstring)
 BACKFILL_KEY = "backfill"  # a report row with this key carries rows logged before the restored checkpoint
+EARLIER_KEY = "earlier"  # a report row may carry the logged rows before it that were not reported yet
+REPORT_EVERY_ENV = "MOELAB_REPORT_EVERY_S"
+# Ray Train hands a worker's reports to its controller through a queue of one, emptied at each of the
+# controller's polls (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S): a report per logged step would stall a fast run at
+# one logged step per poll. So rows are batched, one report per REPORT_EVERY_S at most (checkpoints, the
+# last step and a divergence always report at once).
+REPORT_EVERY_S = 1.0
 
 
 def _rank_files(ckpt: Path, rank: int) -> list[Path]:
@@ -106,6 +115,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     "env": environment variables to set first, "upcycle_checkpoint": optional source checkpoint path,
     "upcycle_fs": the filesystem it lives on (None: local)}."""
     import ray.train
+    import torch
 
     from moelab.trainers.loop import Diverged, Trainer
     from moelab.trainers.parallel import init_parallel
@@ -126,8 +136,30 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     fault_at = int(os.environ.get(FAULT_ENV, "0") or 0)
     fault_rank = int(os.environ.get(FAULT_RANK_ENV, str(ctx.get_world_size() - 1)))
 
+    every_s = float(os.environ.get(REPORT_EVERY_ENV, REPORT_EVERY_S))
+    pending: list[dict] = []
+    last_sent = [time.monotonic()]
+
+    def due(row: dict, ckpt: Path | None) -> bool:
+        """Report now? Rank 0's clock decides for all ranks: Ray needs the same reports from every rank."""
+        now = ckpt is not None or row["step"] >= rc.total_steps() or time.monotonic() - last_sent[0] >= every_s
+        if par is not None:
+            now = bool(par.all_reduce(torch.tensor([float(now and rank == 0)], device=tr.device)).item())
+        return now
+
     def report(row: dict, ckpt: Path | None) -> None:
+        if due(row, ckpt):
+            send(row, ckpt)
+        else:
+            pending.append(row)  # lost if the worker dies now: its restart recomputes them from a checkpoint
+        fault(row)
+
+    def send(row: dict, ckpt: Path | None) -> None:
         metrics = {**row, "attempt": attempt}
+        if pending:
+            metrics[EARLIER_KEY] = list(pending)
+            pending.clear()
+        last_sent[0] = time.monotonic()
         if ckpt is None:
             ray.train.report(metrics)
         else:
@@ -143,6 +175,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                                  checkpoint_dir_name=f"checkpoint-{row['step']:08d}")
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+
+    def fault(row: dict) -> None:
         marker = out_dir / FAULT_MARKER
         if fault_at and row["step"] >= fault_at and rank == fault_rank and not marker.exists():
             marker.write_text(f"worker rank {rank} killed after step {row['step']} ({FAULT_ENV}={fault_at})\n")
@@ -164,7 +198,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     try:
         tr.run()
     except Diverged as e:
-        # Every rank sees the same reduced loss, so every rank gets here at the same step.
+        # Every rank sees the same reduced loss, so every rank gets here at the same step (and holds the same
+        # pending rows).
+        if pending:
+            ray.train.report({**pending[-1], EARLIER_KEY: pending[:-1], "attempt": attempt})
         ray.train.report({DIVERGED_KEY: 1, "step": e.step, "loss": e.loss, "error": str(e), "attempt": attempt})
 
 

@@ -313,10 +313,16 @@ def test_wandb_sink_logs_each_trial_offline(tmp_path, monkeypatch):
     sink.on_trial_start(0, [], trial)
     for step in (2, 4, 2, 6):  # a repeated step (a restart) is not logged twice
         sink.on_trial_result(0, [], trial, {"step": step, "loss": 5.0 - step / 10, "expert_load": [[0.5, 0.5]]})
+    logged = []
+    real_log = sink._run("t-s0-abc").log
+    sink._run("t-s0-abc").log = lambda data, step: (logged.append(step), real_log(data, step=step))
+    sink.on_trial_result(0, [], trial, {"step": 12, "loss": 3.0, "earlier": [{"step": 8, "loss": 4.2},
+                                                                             {"step": 10, "loss": 4.0}]})
+    assert logged == [8, 10, 12]  # batched rows first, in order
     sink.on_trial_complete(0, [], trial)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
-    assert sink.last_step == {"t-s0-abc": 6}
+    assert sink.last_step == {"t-s0-abc": 12}
 
 
 def test_trials_are_handed_out_in_order_and_dependents_wait_for_their_source():
@@ -339,3 +345,21 @@ def test_trials_are_handed_out_in_order_and_dependents_wait_for_their_source():
     got = take()
     assert got["trial_id"] == "moe-a" and got["upcycle_checkpoint"] == "/ckpt/a"
     assert take() == Searcher.FINISHED and blocked == [("moe-b", "base-b", "diverged")]
+
+
+def test_store_sink_stores_batched_rows_in_order(tmp_path):
+    """A worker's report carries the rows it batched before it (`earlier`): all of them reach the store."""
+    from moelab.platform.sink import StoreSink
+    from moelab.platform.worker import EARLIER_KEY
+
+    store = Store(tmp_path)
+    sink = StoreSink(store, "sw", {"t-s0-abc": 8})
+    trial = SimpleNamespace(config={"trial_id": "t-s0-abc"})
+    row = lambda s: {"step": s, "loss": 5.0 - s / 10, "tokens": 16 * s, "attempt": 0}  # noqa: E731
+    sink.on_trial_result(0, [], trial, {**row(6), EARLIER_KEY: [row(2), row(4)]})
+    sink.on_trial_result(0, [], trial, row(8))
+    store.flush()
+    m = mr.open(tmp_path).metrics("sw")
+    assert list(m["step"]) == [2, 4, 6, 8] and list(m["loss"]) == pytest.approx([4.8, 4.6, 4.4, 4.2])
+    assert set(m["attempt"]) == {0}
+    assert sink.state["t-s0-abc"].last_step == 8
