@@ -273,7 +273,6 @@ def cmd_dashboard(args: argparse.Namespace, extra: list[str]) -> int:
     except ImportError as e:
         print(f"moelab dashboard: {e}; install the dashboard extra: pip install 'moelab[dashboard]'", file=sys.stderr)
         return 2
-    print(f"moelab dashboard: serving {args.root} at http://{args.host}:{args.port}/ (Ctrl-C stops it)", flush=True)
     try:
         serve(args.root, host=args.host, port=args.port, refresh_s=args.refresh)
     except KeyboardInterrupt:
