@@ -77,7 +77,8 @@ def serve_then_interrupt(argv: list[str], cwd: Path, env: dict[str, str]) -> str
     """Start the dashboard, load its page, then Ctrl-C it: it must answer and stop cleanly (exit 0)."""
     port = free_port()
     proc = subprocess.Popen([*argv, "--port", str(port)], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+                            stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # as a terminal's
     try:
         deadline, body = time.time() + 120, ""
         while time.time() < deadline and proc.poll() is None:

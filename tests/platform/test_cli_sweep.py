@@ -248,6 +248,12 @@ def _ray_daemons() -> int:
     return len(out.split())
 
 
+def _terminal_sigint() -> None:
+    """In the child: SIGINT delivered as from a terminal, even when this test runs as a background job
+    (which starts with SIGINT ignored, and children inherit that)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_sweep_and_its_ray(tmp_path):
     """Ctrl-C (SIGINT to the terminal's process group) mid-sweep: exit 130 with the resume command, and the
     local Ray the sweep started is gone."""
@@ -258,7 +264,8 @@ def test_ctrl_c_stops_the_sweep_and_its_ray(tmp_path):
     env["RAY_AUTH_MODE"] = "disabled"
     before = _ray_daemons()
     proc = subprocess.Popen([sys.executable, "-m", "moelab", "sweep", path], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            preexec_fn=_terminal_sigint)
     lines: list[str] = []
     try:
         for line in proc.stdout:  # wait until the trial runs
