@@ -50,7 +50,7 @@ def _rows(root: str) -> dict[str, int]:
     import pyarrow.dataset as ds
 
     out = {}
-    for table in ("trials", "metrics", "experts"):
+    for table in ("trials", "metrics", "experts", "routing"):
         d = os.path.join(root, table)
         out[table] = ds.dataset(d, format="parquet").count_rows() if os.path.isdir(d) else 0
     return out
@@ -120,8 +120,8 @@ def main() -> None:
         return f"{len(pts)} points, {len(fig.data)} traces, {_json(fig) // 1024} KiB"
 
     def experts():
-        heat, over, imb, _, e = views.experts(sweep, views.trials(sweep), moe, step=None, layer=0)
-        return f"{len(e)} load rows, {_json(heat, over, imb) // 1024} KiB"
+        heat, over, domain, special, imb, _, e = views.experts(sweep, views.trials(sweep), moe, step=None, layer=0)
+        return f"{len(e)} load rows, {_json(heat, over, domain, special, imb) // 1024} KiB"
 
     def parallel():
         fig, frame = views.parallel(sweep, views.trials(sweep), "final_loss")
@@ -148,7 +148,8 @@ def main() -> None:
     load = os.getloadavg() if hasattr(os, "getloadavg") else ("?",) * 3
     print(f"`{' '.join(['python', *sys.argv])}` on {platform.node() or 'this machine'}: {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}, load average {load[0]:.1f} / {load[1]:.1f} (1 / 5 min) at the end.")
-    print(f"Store: {rows['trials']:,} trials, {rows['metrics']:,} metric rows, {rows['experts']:,} expert rows.\n")
+    print(f"Store: {rows['trials']:,} trials, {rows['metrics']:,} metric rows, {rows['experts']:,} expert rows, "
+          f"{rows['routing']:,} routing rows.\n")
     print(f"Cold start (fresh reader): trials {cold_trials:.2f} s, then the default curves view {cold_curves:.2f} s "
           "(the app does both in a background thread at start).\n")
     print("| view | first (s) | warm median (s) | warm max (s) | warm CPU, all threads (s) | size |")
