@@ -20,4 +20,8 @@ def test_notebook_runs_against_a_store(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert "sweeps: ['synthetic']" in text
     figures = [o for o in outputs if "application/vnd.plotly.v1+json" in o.get("data", {})]
-    assert len(figures) >= 3  # curves, at least one effects plot, scaling
+    assert len(figures) >= 5  # curves, at least one effects plot, scaling, domain routing, specialisation
+    titles = [f["data"]["application/vnd.plotly.v1+json"]["layout"].get("title", {}).get("text", "")
+              for f in figures]
+    assert any("where each domain's tokens go" in t for t in titles)
+    assert any("specialisation" in t.lower() for t in titles)
