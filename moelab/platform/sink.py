@@ -165,12 +165,16 @@ class StoreSink(Callback):
         self.store.flush(self.sweep, tid)
         self.log(f"{tid}: failed, retrying from its last checkpoint: {error_text(trial).splitlines()[-1]}")
 
-    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+    def _ended(self, trial: Any) -> tuple[str, _TrialState, dict[str, Any]]:
+        """A trial ended (either way): its rows made durable and compacted; (trial_id, state, final fields)."""
         tid = trial_id_of(trial)
         st = self._state(tid)
         self.store.flush(self.sweep, tid)
         self._compact(tid)
-        fields = self._final_fields(st)
+        return tid, st, self._final_fields(st)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        tid, st, fields = self._ended(trial)
         if st.diverged is not None:
             fields.update(status="diverged", error=st.diverged["error"])
             self.log(f"{tid}: diverged: {st.diverged['error']}")
@@ -185,11 +189,7 @@ class StoreSink(Callback):
         self._finish(tid, fields)
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
-        tid = trial_id_of(trial)
-        st = self._state(tid)
-        self.store.flush(self.sweep, tid)
-        self._compact(tid)
-        fields = self._final_fields(st)
+        tid, _, fields = self._ended(trial)
         fields.update(status="failed", error=error_text(trial))
         self.log(f"{tid}: failed: {fields['error'].splitlines()[-1]}")
         self._finish(tid, fields)

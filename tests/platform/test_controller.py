@@ -122,15 +122,20 @@ def test_every_logged_step_is_stored_once(grid):
     assert sorted(f.split(".")[0] for f in files) == sorted(grid.ids)
 
 
-def test_expert_rows_per_step_layer_and_expert(grid):
-    e = mr.open(grid.root).experts("grid")
+def moe_rows(grid, table):
+    """(trial_id, trial, its rows of `table`, the steps it logged) for each MoE trial; a dense trial has none."""
+    frame = getattr(mr.open(grid.root), table)("grid")
     for tid, t in grid.ids.items():
-        rows = e[e.trial_id == tid]
+        rows = frame[frame.trial_id == tid]
         if t.family == "dense":
-            assert rows.empty
+            assert rows.empty, tid
             continue
+        yield tid, t, rows, (LOGGED[:1] if tid == grid.nan else LOGGED)
+
+
+def test_expert_rows_per_step_layer_and_expert(grid):
+    for tid, t, rows, want in moe_rows(grid, "experts"):
         n_layers, n_experts = t.config.model.n_layers, t.config.model.moe.n_experts
-        want = LOGGED[:1] if tid == grid.nan else LOGGED
         assert len(rows) == len(want) * n_layers * n_experts, tid
         assert not rows.duplicated(["step", "layer", "expert"]).any()
         assert sorted(rows.step.unique()) == want
@@ -140,14 +145,9 @@ def test_expert_rows_per_step_layer_and_expert(grid):
 
 def test_routing_rows_per_step_layer_domain_and_expert(grid):
     """Synthetic data: the trainer's per-domain counts reach the `routing` table through Ray and the sink."""
-    g, e = mr.open(grid.root).routing("grid"), mr.open(grid.root).experts("grid")
-    for tid, t in grid.ids.items():
-        rows = g[g.trial_id == tid]
-        if t.family == "dense":
-            assert rows.empty
-            continue
+    e = mr.open(grid.root).experts("grid")
+    for tid, t, rows, want in moe_rows(grid, "routing"):
         n_layers, n_experts = t.config.model.n_layers, t.config.model.moe.n_experts
-        want = LOGGED[:1] if tid == grid.nan else LOGGED
         assert len(rows) == len(want) * n_layers * t.config.data.n_domains * n_experts, tid
         assert sorted(rows.step.unique()) == want
         assert not rows.duplicated(["step", "layer", "domain", "expert"]).any()
