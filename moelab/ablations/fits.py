@@ -365,15 +365,20 @@ def _distinct_rows(ends: np.ndarray, values: np.ndarray, count: int, tol: float 
 
 
 def _bootstrap(model: _LSEModel, full_ends: np.ndarray, full_values: np.ndarray, grid: np.ndarray,
-               n_boot: int, seed: int, boot_starts: int | str) -> np.ndarray:
+               n_boot: int, seed: int, boot_starts: int | str, groups: np.ndarray | None = None) -> np.ndarray:
     """Refit ``n_boot`` resamples (with replacement) of the points; returns their best thetas (n_boot, p).
 
     full_ends (S, p), full_values (S,): the full-data results, best first. boot_starts: an int k starts
     each resample from the k best distinct full-data end points (module docstring says why this is sound);
-    "grid" starts every resample from the whole grid.
+    "grid" starts every resample from the whole grid. groups: (n,) labels of the units resampled together
+    (a trial's logged points share its seed noise and are not independent; resampling them one by one
+    makes intervals too narrow); None = every point is its own unit.
     """
     rng = np.random.default_rng(seed)
-    counts = rng.multinomial(model.n, np.full(model.n, 1.0 / model.n), size=n_boot).astype(float)
+    codes = np.arange(model.n) if groups is None else np.unique(np.asarray(groups), return_inverse=True)[1]
+    n_units = int(codes.max()) + 1
+    unit_counts = rng.multinomial(n_units, np.full(n_units, 1.0 / n_units), size=n_boot).astype(float)
+    counts = unit_counts[:, codes]
     if boot_starts == "grid":
         starts = grid
     else:
@@ -561,6 +566,8 @@ def fit_chinchilla(
     outlier_threshold: float = 5.0,
     boot_starts: int | str = 5,
     confidence: float = 0.95,
+    refine_top: int | None = None,
+    groups: Any = None,
 ) -> ChinchillaFit:
     """Fit ``L = E + A/N^alpha + B/D^beta`` by Hoffmann et al.'s Approach 3.
 
@@ -570,7 +577,10 @@ def fit_chinchilla(
         (1.4826 MAD) from the median, refit on the rest from the full grid (``kept`` marks the points used).
         The default 5 is meant for gross failures (diverged runs): the near-L1 Huber fit interpolates some
         points, which makes the MAD of its residuals underestimate the noise, so 3 drops honest points.
-    n_boot, seed: bootstrap resamples of the points (0 = none); boot_starts: see module docstring.
+    n_boot, seed: bootstrap resamples (0 = none); boot_starts: see module docstring.
+    groups: (n,) unit labels for the bootstrap (e.g. trial ids: a trial's points are resampled together).
+    refine_top: optimise only the ``refine_top`` grid starts with the lowest objective (None: all of them,
+        as Hoffmann et al. do; 256 finds the same optimum on every law we tried at a fraction of the cost).
     """
     cols = _check_columns(N=N, D=D, L=L)
     N, D, L = cols["N"], cols["D"], cols["L"]
@@ -581,20 +591,25 @@ def fit_chinchilla(
     if starts.shape[1] != 5:
         raise ValueError(f"grid must have 5 columns (a, b, e, alpha, beta), got shape {starts.shape}")
 
+    unit = None if groups is None else np.asarray(groups)
+    if unit is not None and unit.shape != L.shape:
+        raise ValueError(f"groups must have one label per point ({len(L)}), got shape {unit.shape}")
     kept = np.ones(len(L), dtype=bool)
     model = _LSEModel(_chinchilla_design(N, D), np.log(L), huber_delta)
-    ends, values = _fit_full(model, starts)
+    ends, values = _fit_full(model, starts, refine_top=refine_top)
     if drop_outliers:
         residuals = model.log_predict(ends[0]) - model.target
         kept = ~_robust_outliers(residuals, outlier_threshold)
         _check_point_count(int(kept.sum()), 5, "the Chinchilla law after dropping outliers")
         N, D, L = N[kept], D[kept], L[kept]
+        if unit is not None:
+            unit = unit[kept]
         model = _LSEModel(_chinchilla_design(N, D), np.log(L), huber_delta)
-        ends, values = _fit_full(model, starts)
+        ends, values = _fit_full(model, starts, refine_top=refine_top)
 
     boot = None
     if n_boot > 0:
-        boot = _chinchilla_natural(_bootstrap(model, ends, values, starts, n_boot, seed, boot_starts))
+        boot = _chinchilla_natural(_bootstrap(model, ends, values, starts, n_boot, seed, boot_starts, unit))
     E, A, B, alpha, beta = _chinchilla_natural(ends[0])
     return ChinchillaFit(
         E=float(E), A=float(A), B=float(B), alpha=float(alpha), beta=float(beta),
@@ -1007,3 +1022,81 @@ def fit_granularity(
         b=float(np.exp(ln_b)), beta=float(beta), c=float(np.exp(ln_c)),
         objective=float(values[0]), n_points=len(L),
     )
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Compute-optimal frontier of a Chinchilla law, and efficiency leverage from two such laws
+# ----------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FlopsPerToken:
+    """Training FLOPs per token as a power law of the active non-embedding size: ``exp(log_coef) N^slope``.
+
+    6N (Kaplan et al. 2020) is slope 1, log_coef ln 6; measured FLOPs also count attention and the output
+    layer, which weigh more in small models, so the law is fitted to a family's own trials (``fit``).
+    """
+
+    log_coef: float = float(np.log(6.0))
+    slope: float = 1.0
+
+    def __call__(self, N: Any) -> np.ndarray:
+        return np.exp(self.log_coef) * np.power(np.asarray(N, dtype=float), self.slope)
+
+    @classmethod
+    def fit(cls, N: Any, D: Any, C: Any) -> "FlopsPerToken":
+        """Least squares of ln(C/D) on ln N over trials (n,); one distinct N gives slope 1 through its mean."""
+        cols = _check_columns(N=N, D=D, C=C)
+        x, y = np.log(cols["N"]), np.log(cols["C"] / cols["D"])
+        if np.ptp(x) < 1e-9:
+            return cls(log_coef=float(np.mean(y - x)), slope=1.0)
+        slope, coef = np.polyfit(x, y, 1)
+        return cls(log_coef=float(coef), slope=float(slope))
+
+
+def frontier_params(params: Any, fpt: FlopsPerToken) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Compute-optimal frontier ``L*(C) = E + K C^-a`` of the Chinchilla law ``params`` (..., 5) when a
+    token costs fpt(N) = c N^s FLOPs. Returns (E, K, a), each of shape params.shape[:-1].
+
+    Minimising A N^-alpha + B (C / (c N^s))^-beta over N (Hoffmann et al. 2022, Approach 3, with 6N replaced
+    by c N^s): N_opt = (alpha A / (s beta B c^beta))^(1/(alpha + s beta)) C^(beta/(alpha + s beta)), where
+    the data term is alpha/(s beta) times the size term, so
+    K = A (1 + alpha/(s beta)) (alpha A / (s beta B c^beta))^(-alpha/(alpha + s beta)),
+    a = alpha beta / (alpha + s beta). With c = 6, s = 1 this is the usual frontier exponent.
+    """
+    P = np.asarray(params, dtype=float)
+    E, A, B, al, be = (P[..., i] for i in range(5))
+    c, sl = np.exp(fpt.log_coef), fpt.slope
+    if not sl > 0:
+        raise ValueError(f"FLOPs per token must grow with N (slope > 0), got slope {sl}")
+    ratio = al * A / (sl * be * B * np.power(c, be))
+    K = A * (1.0 + al / (sl * be)) * np.power(ratio, -al / (al + sl * be))
+    return E, K, al * be / (al + sl * be)
+
+
+def frontier_compute(params: Any, loss: Any, fpt: FlopsPerToken) -> np.ndarray:
+    """Least compute at which the law ``params`` ((5,) or (S, 5)) reaches ``loss`` ((m,), or (S, m) paired
+    with the rows of params): ``(K / (L - E))^(1/a)`` on its frontier; +inf at or below the floor E.
+    Returns (m,) for one law, (S, m) for S."""
+    E, K, a = (np.asarray(v)[..., None] for v in frontier_params(params, fpt))
+    gap = np.asarray(loss, dtype=float) - E
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        c = np.power(K / gap, 1.0 / a)
+    return np.where(gap > 0, c, np.inf)
+
+
+def frontier_loss(params: Any, compute: Any, fpt: FlopsPerToken) -> np.ndarray:
+    """Lowest loss the law ``params`` ((5,) or (S, 5)) reaches with ``compute`` (m,): E + K C^-a."""
+    E, K, a = (np.asarray(v)[..., None] for v in frontier_params(params, fpt))
+    return E + K * np.power(np.asarray(compute, dtype=float), -a)
+
+
+def efficiency_leverage_at(dense: Any, dense_fpt: FlopsPerToken, moe: Any, moe_fpt: FlopsPerToken,
+                           compute: Any) -> np.ndarray:
+    """Efficiency leverage of an MoE family at its compute C (Tian et al. 2025): C_dense(L_moe(C)) / C, where
+    L_moe(C) is the family's compute-optimal loss and C_dense(L) the dense law's least compute for L.
+
+    dense, moe: (5,) or paired (S, 5) Chinchilla parameters; compute (m,). Returns (m,) or (S, m); +inf where
+    the dense law never reaches the MoE's loss."""
+    loss = frontier_loss(moe, compute, moe_fpt)
+    return frontier_compute(dense, loss, dense_fpt) / np.asarray(compute, dtype=float)
