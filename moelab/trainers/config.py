@@ -350,7 +350,7 @@ class UpcycleConfig:
     scaling: str | float = "none"  # "none", "nvidia", or a number: multiplier on each expert's output
     noise_std: float = 0.0  # N(0, sigma^2) added to the copied expert weights
     reset_ratio: float = 0.0  # Drop-Upcycling: share of each expert's intermediate units re-initialised
-    shuffle: bool = False  # permute each expert copy's intermediate units
+    shuffle: bool = False  # per router group, a fresh permutation of the dense d_ff units before the split
     shared_init: Literal["dense", "random"] = "dense"
     seed: int = 0
 
@@ -370,6 +370,18 @@ class UpcycleConfig:
             _fail("upcycle.reset_ratio", self.reset_ratio, "a number in [0, 1]")
         if self.noise_std < 0 or self.router_std < 0:
             _fail("upcycle.noise_std/router_std", (self.noise_std, self.router_std), ">= 0")
+        return self
+
+    def check_model(self, model: "ModelConfig") -> "UpcycleConfig":
+        """The checks that need the MoE's shape too (run before any weights are touched)."""
+        if self.shuffle and model.moe.enabled and model.d_expert == model.d_ff:
+            # With G = 1 each expert holds all d_ff units, and permuting a SwiGLU's units leaves its
+            # function unchanged: a shuffle arm would differ from its control only by its random stream.
+            raise ConfigError(
+                f"upcycle.shuffle: got True; allowed: false when the granularity G = model.d_ff / d_expert is 1 "
+                f"(d_ff={model.d_ff}, d_expert={model.d_expert}): every expert then holds the whole dense FFN, so a "
+                f"permutation of its units changes nothing. Set upcycle.shuffle=false, or model.moe.granularity "
+                f">= 2 to shuffle units across fine-grained experts")
         return self
 
 
@@ -392,7 +404,7 @@ class RunConfig:
 
     def validate(self) -> "RunConfig":
         self.model.validate()
-        self.upcycle.validate()
+        self.upcycle.validate().check_model(self.model)
         t, o, d = self.train, self.optim, self.data
         for name in ("batch_size", "seq_len", "log_every", "eval_batches"):
             if getattr(t, name) <= 0:

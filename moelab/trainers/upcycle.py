@@ -1,33 +1,53 @@
 """Dense -> MoE initialisation: every knob the upcycling ablations vary.
 
-Order of operations per routed expert j of an MoE layer (dense FFN width d_ff, expert width d_e, G = d_ff/d_e):
-  1. copy shard `j mod G` of the dense FFN: rows of gate and up (split separately), columns of down
-     (granular split, He et al. 2024);
-  2. `shuffle`: permute the expert's d_e intermediate units (gate/up rows and down columns jointly), which
-     alone changes nothing about the function (Qwen2 report);
-  3. `reset_ratio` r: Drop-Upcycling (Nakamura et al. 2025) — round(r * d_e) units chosen at random per
+A SwiGLU FFN is a sum over its d_ff intermediate *units* (unit i: row i of gate and of up, column i of
+down): any set of units is itself a SwiGLU, and multiplying a unit's up row and down column by sqrt(c)
+multiplies its contribution by c. Per MoE layer (dense width d_ff, expert width d_e, G = d_ff / d_e; a
+*group* is the experts gG .. gG+G-1, which a `virtual_group` router ties to one logit):
+  1. split (He et al. 2024): expert gG+s holds units [s d_e, (s+1) d_e) — rows of gate and up (split
+     separately), columns of down. With `shuffle` (Qwen2 report, Drop-Upcycling's reference code) it holds
+     slice s of a fresh random permutation of the d_ff units drawn for its group: every group still holds
+     each unit once, but different groups hold different partitions. With G = 1 there is nothing to
+     partition (permuting a whole FFN's units changes nothing), so the config refuses `shuffle` there;
+  2. `reset_ratio` r: Drop-Upcycling (Nakamura et al. 2025) — round(r * d_e) units chosen at random per
      expert are re-drawn from N(mean, std) of the selected slice of the same matrix;
-  4. `scaling` F: the expert's output is multiplied by F, as sqrt(F) on up and sqrt(F) on down (SwiGLU is
-     linear in both, so the factor is exact; the paper spreads F^(1/3) over gate, up and down, which treats
-     the SiLU gate as if it were homogeneous);
-  5. `noise_std` sigma: N(0, sigma^2) added to gate, up and down.
+  3. scale: unit u of a routed expert by F * c_u, as sqrt(F c_u) on up and on down (SwiGLU is linear in
+     both, so the factor is exact; the paper spreads F^(1/3) over gate, up and down, which treats the SiLU
+     gate as if it were homogeneous). F is `scaling`; c_u is the routed share of the unit (below);
+  4. `noise_std` sigma: N(0, sigma^2) added to gate, up and down.
 Attention, embeddings and norms are copied; the router is fresh: `random` N(0, router_std), or
-`virtual_group` (n_experts/G rows each repeated G times, so the G shards of one dense FFN share a logit).
+`virtual_group` (n_experts/G rows each repeated G times).
 
-The `nvidia` scaling factor. With router scores that are uniform across experts and top_k = T a multiple of
-G, the selected slots form T/G whole groups, each of which adds up to the dense FFN, and each slot carries
-the gate weight w: softmax without renormalisation w = 1/n_experts, renormalised w = 1/T, sigmoid w = 1/2.
-So the MoE output is (T/G) * w * FFN(x), and F = G / (T * w) restores the dense output. For softmax
-without renormalisation this is E*G^2/T with E = n_experts/G, the factor of He et al. (2024). With
-renormalised gates the groups' weights sum to one for *any* router, so F = G makes the upcycled model
-compute exactly the dense function whatever the router draws.
+Shared experts with `shared_init: dense`: shared expert i holds the units of shard i mod (d_ff / d_shared)
+(the whole FFN when d_shared = d_ff). A unit the shared experts hold n_u times is split evenly between those
+n_u shared copies and the routed experts: each carries c_u = 1 / (n_u + 1) of it; units no shared expert
+holds keep c_u = 1. So the shared and the routed parts add up to the dense FFN whenever the routed part
+alone would reproduce it, instead of carrying it twice. Splitting rather than giving a unit wholly to the
+shared side keeps every copy trainable (a unit with zero up and down weights gets zero gradients). The
+`shared_gate` multiplies the shared part by sigmoid(x . w) afterwards: not compensated.
+
+The `nvidia` scaling factor. Suppose the T = top_k selected slots form T/G whole groups (what a
+`virtual_group` router picks), each adding up to the dense FFN, and every slot carries the gate weight w of
+a uniform router: 1/n_experts for softmax without renormalisation, 1/2 for sigmoid without, 1/T with
+renormalised gates. The MoE output is then (T/G) * w * FFN(x), and F = G / (T * w) restores the dense
+output; for softmax without renormalisation this is E*G^2/T with E = n_experts/G, the factor of He et al.
+(2024). Only renormalised gates keep the weights of a token's slots summing to one for any router draw;
+otherwise they vary from token to token, which no constant F undoes.
+
+Where the upcycled model computes the dense function exactly (no reset, no noise; the full matrix is
+tests/trainers/test_preservation.py and the README's table): with renormalised gates, a `virtual_group`
+router (top_k a multiple of G: whole groups are picked, and their gate weights sum to one whatever the
+router draws) and F = G (`nvidia`); with G = 1 this needs no router assumption, and F = 1 (`none` and
+`nvidia` agree). Without renormalisation only a uniform router (router_std = 0, at G = 1) is exact, and only
+with F equal to the `nvidia` factor. A `random` router with G > 1 picks shards independently of one another:
+the output is then not the dense one, whatever the scaling. Shared experts (`shared_init: dense`, no
+`shared_gate`) and `shuffle` change none of these verdicts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import math
 from pathlib import Path
 
 import torch
@@ -35,6 +55,10 @@ import torch
 from moelab.trainers.config import ConfigError, ModelConfig, MoEConfig, RunConfig, UpcycleConfig, from_dict
 from moelab.trainers.model import Transformer
 from moelab.trainers.moe import MoE
+
+# Offset of the shuffle's random stream from upcycle.seed: with one seed, the shuffle-on and shuffle-off arms
+# draw the same router, reset positions and noise, and differ only in the partition of the units.
+_SHUFFLE_STREAM = 0x5A17
 
 
 def scaling_factor(moe: MoEConfig, d_ff: int, d_expert: int, scaling: str | float) -> float:
@@ -67,6 +91,7 @@ def upcycle(dense: Transformer, moe: MoEConfig, cfg: UpcycleConfig | None = None
     if not moe.enabled:
         raise ConfigError("model.moe.n_experts: got 0; allowed: >= 1 to upcycle into an MoE")
     target = dataclasses.replace(src, moe=moe).validate()
+    cfg.check_model(target)
     d_ff, de = src.d_ff, target.d_expert
     if d_ff % de:
         raise ConfigError(f"model.moe.d_expert: got {de}; allowed: a divisor of the dense d_ff={d_ff}")
@@ -74,8 +99,13 @@ def upcycle(dense: Transformer, moe: MoEConfig, cfg: UpcycleConfig | None = None
     if cfg.router_init == "virtual_group" and (moe.n_experts % G or moe.top_k % G):
         raise ConfigError(f"upcycle.router_init: 'virtual_group' needs model.moe.n_experts={moe.n_experts} and "
                           f"model.moe.top_k={moe.top_k} to be multiples of the granularity G={G}")
+    shared_units = _shared_units(target) if moe.n_shared and cfg.shared_init == "dense" else None
+    routed_share = torch.ones(d_ff, dtype=torch.float64)  # c_u of the module docstring
+    if shared_units is not None:
+        routed_share = 1.0 / (torch.bincount(shared_units, minlength=d_ff).double() + 1.0)
     F = scaling_factor(moe, d_ff, de, cfg.scaling)
     gen = torch.Generator().manual_seed(cfg.seed)
+    shuffle_gen = torch.Generator().manual_seed(cfg.seed + _SHUFFLE_STREAM)
     model = Transformer(target)
     model.init_weights(cfg.seed)  # fresh values for whatever is not copied (router, random shared experts)
     dense_state = dense.state_dict()
@@ -90,29 +120,47 @@ def upcycle(dense: Transformer, moe: MoEConfig, cfg: UpcycleConfig | None = None
             if not isinstance(block.ffn, MoE):
                 block.ffn.load_state_dict(dense.layers[i].ffn.state_dict())
                 continue
-            _init_experts(block.ffn, gate, up, down, G, F, cfg, gen)
+            units = expert_units(block.ffn.n_experts, G, d_ff, cfg.shuffle, shuffle_gen)
+            _init_experts(block.ffn, gate, up, down, units, F * routed_share, cfg, gen)
             _init_router(block.ffn, G, cfg, gen)
-            if block.ffn.shared is not None and cfg.shared_init == "dense":
-                _init_shared(block.ffn, gate, up, down, target)
+            if shared_units is not None:
+                _init_shared(block.ffn, gate, up, down, shared_units, routed_share)
     return model.to(next(dense.parameters()).device)
 
 
-def _init_experts(layer: MoE, gate, up, down, G: int, F: float, cfg: UpcycleConfig, gen: torch.Generator) -> None:
+def expert_units(n_experts: int, G: int, d_ff: int, shuffle: bool, gen: torch.Generator) -> torch.Tensor:
+    """Which dense units each routed expert holds: [n_experts, d_ff / G] indices into 0..d_ff-1.
+
+    Expert gG+s gets slice s of its group's order of the units: 0..d_ff-1, or with `shuffle` a permutation
+    drawn afresh for each group. Each expert's units are sorted: their order inside an expert is no part of
+    the function, only which units it holds is.
+    """
+    de = d_ff // G
+    units = torch.empty(n_experts, de, dtype=torch.long)
+    for j in range(n_experts):
+        s = j % G
+        if s == 0:
+            order = torch.randperm(d_ff, generator=gen) if shuffle else torch.arange(d_ff)
+        units[j] = order[s * de:(s + 1) * de].sort().values
+    return units
+
+
+def _init_experts(layer: MoE, gate, up, down, units: torch.Tensor, scale: torch.Tensor, cfg: UpcycleConfig,
+                  gen: torch.Generator) -> None:
+    """units: [E, d_e] dense unit per expert unit; scale: [d_ff] the factor F * c_u on each unit's output."""
     E, de = layer.n_experts, layer.d_expert
     n_reset = round(cfg.reset_ratio * de)
     for j in range(E):
-        s = slice((j % G) * de, (j % G + 1) * de)
-        g, u, dn = gate[s].clone(), up[s].clone(), down[:, s].clone()  # [de, d], [de, d], [d, de]
-        if cfg.shuffle:
-            perm = torch.randperm(de, generator=gen)
-            g, u, dn = g[perm], u[perm], dn[:, perm]
+        idx = units[j]
+        g, u, dn = gate[idx], up[idx], down[:, idx]  # [de, d], [de, d], [d, de]; indexing copies
         if n_reset:
-            idx = torch.randperm(de, generator=gen)[:n_reset]
-            g[idx] = _redraw(g[idx], gen)
-            u[idx] = _redraw(u[idx], gen)
-            dn[:, idx] = _redraw(dn[:, idx], gen)
-        if F != 1.0:
-            u, dn = u * math.sqrt(F), dn * math.sqrt(F)
+            pick = torch.randperm(de, generator=gen)[:n_reset]
+            g[pick] = _redraw(g[pick], gen)
+            u[pick] = _redraw(u[pick], gen)
+            dn[:, pick] = _redraw(dn[:, pick], gen)
+        root = scale[idx].sqrt()
+        if not torch.all(root == 1.0):
+            u, dn = u * root[:, None], dn * root
         if cfg.noise_std:
             g, u, dn = (w + cfg.noise_std * torch.randn(w.shape, generator=gen) for w in (g, u, dn))
         layer.w_gate_up[j].copy_(torch.cat([g, u]))
@@ -128,26 +176,29 @@ def _init_router(layer: MoE, G: int, cfg: UpcycleConfig, gen: torch.Generator) -
     E, d = layer.router.weight.shape
     if cfg.router_init == "virtual_group":
         rows = cfg.router_std * torch.randn(E // G, d, generator=gen)
-        w = rows.repeat_interleave(G, dim=0)  # experts gG .. gG+G-1 hold shards 0..G-1 of one dense FFN
+        w = rows.repeat_interleave(G, dim=0)  # experts gG .. gG+G-1 hold the G slices of one unit order
     else:
         w = cfg.router_std * torch.randn(E, d, generator=gen)
     layer.router.weight.copy_(w)
     layer.router.expert_bias.zero_()
 
 
-def _init_shared(layer: MoE, gate, up, down, target: ModelConfig) -> None:
-    """Shared experts from the dense FFN: the whole FFN, or shard i mod (d_ff / d_shared) for expert i."""
-    d_ff, width = gate.shape[0], target.moe.d_shared or target.d_expert
-    n = target.moe.n_shared
-    if width != d_ff and d_ff % width:
+def _shared_units(target: ModelConfig) -> torch.Tensor:
+    """The dense units the shared experts hold, concatenated: shard i mod (d_ff / d_shared) for expert i."""
+    d_ff, width, n = target.d_ff, target.moe.d_shared or target.d_expert, target.moe.n_shared
+    if d_ff % width:
         raise ConfigError(f"model.moe.d_shared: got {width}; allowed: d_ff={d_ff} or a divisor of it when "
                           f"upcycle.shared_init='dense' (or set upcycle.shared_init='random')")
-    shards = [slice((i % (d_ff // width)) * width, (i % (d_ff // width) + 1) * width) for i in range(n)]
-    g = torch.cat([gate[s] for s in shards])
-    u = torch.cat([up[s] for s in shards])
-    dn = torch.cat([down[:, s] for s in shards], dim=1)
-    layer.shared.gate_up.weight.copy_(torch.cat([g, u]))
-    layer.shared.down.weight.copy_(dn)
+    per = d_ff // width
+    return torch.cat([torch.arange((i % per) * width, (i % per + 1) * width) for i in range(n)])
+
+
+def _init_shared(layer: MoE, gate, up, down, units: torch.Tensor, routed_share: torch.Tensor) -> None:
+    # A unit held n_u times by the shared experts and once by the routed side: every copy carries 1/(n_u+1),
+    # which is the routed share c_u too.
+    root = routed_share[units].sqrt()
+    layer.shared.gate_up.weight.copy_(torch.cat([gate[units], up[units] * root[:, None]]))
+    layer.shared.down.weight.copy_(down[:, units] * root)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -173,7 +224,7 @@ def load_source(path: str | Path) -> Transformer:
     ckpt = p / "checkpoint.pt" if p.is_dir() else p
     if not ckpt.exists():
         raise FileNotFoundError(f"upcycle.source: {p} holds neither checkpoint.pt nor a Hugging Face config.json")
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
     cfg = from_dict(ModelConfig, state["config"]["model"])
     model = Transformer(cfg)
     model.load_state_dict(state["model"])

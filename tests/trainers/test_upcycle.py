@@ -29,14 +29,15 @@ def _logits(model, seed=1):
 # G=1: softmax without renormalisation, a uniform router (std 0): F = n_experts / top_k.
 # G>1: renormalised gates with a random virtual-group router: F = G for any router draw.
 CASES = [
-    (1, MoEConfig(n_experts=4, top_k=2, renormalize=False), 0.0),
-    (2, MoEConfig(n_experts=8, top_k=2, granularity=2, renormalize=True), 0.5),
-    (4, MoEConfig(n_experts=8, top_k=4, granularity=4, renormalize=True), 0.5),
+    (1, MoEConfig(n_experts=4, top_k=2, renormalize=False), 0.0, False),
+    (2, MoEConfig(n_experts=8, top_k=2, granularity=2, renormalize=True), 0.5, False),
+    (4, MoEConfig(n_experts=8, top_k=4, granularity=4, renormalize=True), 0.5, False),
+    (2, MoEConfig(n_experts=8, top_k=2, granularity=2, renormalize=True), 0.5, True),
+    (4, MoEConfig(n_experts=8, top_k=4, granularity=4, renormalize=True), 0.5, True),
 ]
 
 
-@pytest.mark.parametrize("G,moe,router_std", CASES)
-@pytest.mark.parametrize("shuffle", [False, True])
+@pytest.mark.parametrize("G,moe,router_std,shuffle", CASES)
 def test_function_preserving_with_nvidia_scaling(G, moe, router_std, shuffle):
     dense = _dense()
     ucfg = UpcycleConfig(router_init="virtual_group", router_std=router_std, scaling="nvidia", shuffle=shuffle)
@@ -46,6 +47,62 @@ def test_function_preserving_with_nvidia_scaling(G, moe, router_std, shuffle):
     unscaled = upcycle(dense, moe, UpcycleConfig(router_init="virtual_group", router_std=router_std,
                                                  scaling="none", shuffle=shuffle))
     assert (_logits(unscaled) - _logits(dense)).abs().max() > 1e-3
+
+
+def _units(m, dense, layer, j):
+    """The dense units routed expert j holds, found by matching its gate rows (never scaled) to the dense's."""
+    g, _, _ = _expert_parts(m, layer, j)
+    dense_gate = dense.layers[layer].ffn.gate_up.weight[:D_FF]
+    return [int((dense_gate == row).all(1).nonzero().item()) for row in g]
+
+
+def test_shuffle_gives_each_router_group_its_own_partition_of_the_units():
+    dense = _dense()
+    moe = MoEConfig(n_experts=8, top_k=2, granularity=2)
+    for shuffle in (False, True):
+        m = upcycle(dense, moe, UpcycleConfig(router_init="virtual_group", shuffle=shuffle, seed=4))
+        for layer in (0, 1):
+            partitions = set()
+            for group in range(4):
+                a, b = (_units(m, dense, layer, 2 * group + s) for s in (0, 1))
+                assert sorted(a + b) == list(range(D_FF))  # a group holds every unit exactly once
+                partitions.add(frozenset([frozenset(a), frozenset(b)]))
+            assert len(partitions) == (4 if shuffle else 1), (shuffle, layer)
+    first = upcycle(dense, moe, UpcycleConfig(shuffle=True, seed=4))
+    assert _units(first, dense, 0, 0) != _units(first, dense, 1, 0)  # each layer draws its own
+
+
+def test_shuffle_changes_the_function_under_a_random_router():
+    # The old in-shard permutation left this difference at exactly 0.
+    dense = _dense()
+    moe = MoEConfig(n_experts=8, top_k=2, granularity=2)
+    off, on = (upcycle(dense, moe, UpcycleConfig(router_std=0.5, shuffle=s)) for s in (False, True))
+    assert torch.equal(off.layers[0].ffn.router.weight, on.layers[0].ffn.router.weight)
+    assert (_logits(on) - _logits(off)).abs().max() > 1e-3
+
+
+def test_shuffle_arms_share_the_router_and_noise_draws():
+    # A shuffle contrast should measure the partition, not a different random stream.
+    dense = _dense()
+    moe = MoEConfig(n_experts=8, top_k=2, granularity=2)
+    noise = {}
+    for shuffle in (False, True):
+        clean, noisy = (upcycle(dense, moe, UpcycleConfig(noise_std=s, shuffle=shuffle, seed=2)) for s in (0, 1e-3))
+        noise[shuffle] = (noisy.layers[1].ffn.w_down - clean.layers[1].ffn.w_down).detach()
+        noise[shuffle, "router"] = noisy.layers[1].ffn.router.weight.detach()
+    torch.testing.assert_close(noise[True], noise[False], rtol=0, atol=1e-6)
+    assert noise[False].abs().max() > 1e-4
+    assert torch.equal(noise[True, "router"], noise[False, "router"])
+
+
+def test_shuffle_at_granularity_1_is_refused_before_any_work():
+    with pytest.raises(ConfigError, match=r"upcycle.shuffle: got True.*G = .* is 1.*upcycle.shuffle=false"):
+        load_run_config("moe-tiny", {"model.moe.granularity": 1, "model.moe.top_k": 1, "upcycle.shuffle": True,
+                                     "upcycle.source": "/nonexistent/dense"})
+    with pytest.raises(ConfigError, match="upcycle.shuffle"):
+        upcycle(_dense(), MoEConfig(n_experts=4, top_k=2), UpcycleConfig(shuffle=True))
+    load_run_config("moe-tiny", {"upcycle.shuffle": True})  # G = 2: allowed
+    load_run_config("tiny", {"upcycle.shuffle": True})  # a dense run never upcycles
 
 
 def test_scaling_factor_values():
@@ -121,14 +178,42 @@ def test_granular_split_and_virtual_group_router():
     assert torch.equal(w[0], w[3]) and not torch.equal(w[3], w[4])
 
 
-def test_shared_experts_from_dense():
+def test_shared_experts_from_dense_split_each_unit_with_the_routed_experts():
     dense = _dense()
-    m = upcycle(dense, MoEConfig(n_experts=4, top_k=1, n_shared=1, d_shared=D_FF), UpcycleConfig())
-    assert torch.equal(m.layers[0].ffn.shared.gate_up.weight, dense.layers[0].ffn.gate_up.weight)
-    m2 = upcycle(dense, MoEConfig(n_experts=4, top_k=1, granularity=2, n_shared=2), UpcycleConfig())
-    assert torch.equal(m2.layers[0].ffn.shared.down.weight, dense.layers[0].ffn.down.weight)  # two halves
+    gate_up, down = dense.layers[0].ffn.gate_up.weight, dense.layers[0].ffn.down.weight
+    half = 0.5 ** 0.5
+    m = upcycle(dense, MoEConfig(n_experts=4, top_k=1, n_shared=1, d_shared=D_FF), UpcycleConfig(scaling=3.0))
+    shared = m.layers[0].ffn.shared
+    torch.testing.assert_close(shared.gate_up.weight[:D_FF], gate_up[:D_FF], rtol=0, atol=0)
+    torch.testing.assert_close(shared.gate_up.weight[D_FF:], gate_up[D_FF:] * half)
+    torch.testing.assert_close(shared.down.weight, down * half)
+    g, u, dn = _expert_parts(m, 0, 2)  # the routed copy: half of each unit, times F = 3
+    torch.testing.assert_close(u, gate_up[D_FF:] * (3 * 0.5) ** 0.5)
+    torch.testing.assert_close(dn, down * (3 * 0.5) ** 0.5)
+    # G = 2, one shared expert of width d_ff / 2: it holds shard 0, so only shard 0's units are split
+    m2 = upcycle(dense, MoEConfig(n_experts=4, top_k=2, granularity=2, n_shared=1), UpcycleConfig())
+    torch.testing.assert_close(m2.layers[0].ffn.shared.down.weight, down[:, :D_FF // 2] * half)
+    torch.testing.assert_close(_expert_parts(m2, 0, 0)[2], down[:, :D_FF // 2] * half)
+    torch.testing.assert_close(_expert_parts(m2, 0, 1)[2], down[:, D_FF // 2:], rtol=0, atol=0)
     with pytest.raises(ConfigError, match="d_shared"):
         upcycle(dense, MoEConfig(n_experts=4, top_k=1, n_shared=1, d_shared=40), UpcycleConfig())
+
+
+@pytest.mark.parametrize("moe,shuffle", [
+    (MoEConfig(n_experts=4, top_k=2, n_shared=1, d_shared=D_FF), False),  # shared = the whole FFN: halves
+    (MoEConfig(n_experts=4, top_k=1, n_shared=2, d_shared=D_FF), False),  # every unit held 3 times: thirds
+    (MoEConfig(n_experts=8, top_k=2, granularity=2, n_shared=1), False),  # shard 0 split, shard 1 whole
+    (MoEConfig(n_experts=8, top_k=4, granularity=2, n_shared=3), True),  # shard 0 in quarters, 1 in halves
+])
+def test_shared_experts_from_dense_preserve_the_function(moe, shuffle):
+    dense = _dense()
+    m = upcycle(dense, moe, UpcycleConfig(router_init="virtual_group", router_std=0.5, scaling="nvidia",
+                                          shuffle=shuffle))
+    torch.testing.assert_close(_logits(m), _logits(dense), rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # the shared experts carry a real part of the function
+        for layer in m.layers:
+            layer.ffn.shared.down.weight.zero_()
+    assert (_logits(m) - _logits(dense)).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("ucfg,match", [
