@@ -13,6 +13,11 @@ Every read lists the files afresh, so a store that is being written shows its la
 `attempt` are kept (a restarted attempt replaces the earlier one's rows for the same steps), sorted by
 (sweep, trial_id, step). Files still being written (hidden `.tmp-*` names) are never read.
 
+Sweep and trial arguments are names (letters, digits, `_`, `-`): anything else raises StoreError (a
+ValueError) before the store is touched. A file that cannot be read (truncated, not Parquet) is skipped with a
+`DamagedFileWarning` naming it, and recorded in `Results.skipped`; `moelab store check ROOT --repair` moves
+such files aside.
+
 A root that does not exist raises FileNotFoundError; a root that exists but holds no rows gives empty
 DataFrames with the documented columns (and the SQL views exist, empty).
 """
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import os
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -30,9 +36,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
+import pyarrow.parquet as pq
 
-from moelab.platform.store import (EXPERTS_SCHEMA, METRICS_SCHEMA, ROUTING_SCHEMA, SWEEP_FIELD, TABLES,
-                                   TRIALS_SCHEMA, list_files, resolve_root)
+from moelab.platform.store import (EXPERTS_SCHEMA, METRICS_SCHEMA, ROUTING_SCHEMA, SWEEP_FIELD, TRIALS_SCHEMA,
+                                   DamagedFileWarning, check_name, list_files, list_sweeps, redact_uri,
+                                   resolve_root)
 
 __all__ = ["open", "Results"]
 
@@ -46,38 +54,73 @@ def open(root: str | os.PathLike, *, filesystem: pafs.FileSystem | None = None) 
     """The results under `root`: a local directory or a pyarrow.fs URI (`s3://bucket/prefix`)."""
     fs, path = resolve_root(root, filesystem)
     if fs.get_file_info(path).type == pafs.FileType.NotFound:
-        raise FileNotFoundError(f"no results store at {os.fspath(root)!r}: nothing has been written there "
-                                f"(a sweep writes it; `moelab sweep FILE --storage {os.fspath(root)}`)")
+        shown = redact_uri(root)
+        raise FileNotFoundError(f"no results store at {shown!r}: nothing has been written there "
+                                f"(a sweep writes it; `moelab sweep FILE --storage {shown}`)")
     return Results(fs, path, os.fspath(root))
 
 
-def _as_list(x: str | Iterable[str] | None) -> list[str] | None:
+def _as_list(x: str | Iterable[str] | None, kind: str) -> list[str] | None:
+    """The names asked for, each checked: a sweep or trial argument becomes part of a path."""
     if x is None:
         return None
-    return [x] if isinstance(x, str) else list(x)
+    names = [x] if isinstance(x, str) else list(x)
+    return [check_name(kind, n) for n in names]
 
 
 class Results:
     def __init__(self, fs: pafs.FileSystem, root: str, uri: str):
         self.fs, self.root, self.uri = fs, root, uri
+        self.skipped: dict[str, str] = {}  # path -> why, of every damaged file skipped so far
 
     def __repr__(self) -> str:
-        return f"Results({self.uri!r})"
+        return f"Results({redact_uri(self.uri)!r})"
+
+    def _skip(self, path: str, err: BaseException) -> None:
+        first = str(err).splitlines()[0] if str(err) else ""
+        self.skipped[path] = f"{type(err).__name__}: {first}"
+        warnings.warn(f"moelab.results: {path}: skipped, not readable ({self.skipped[path]}); `moelab store "
+                      f"check ROOT --repair` moves such files aside", DamagedFileWarning, stacklevel=4)
+
+    def _to_table(self, table: str, files: list[str], columns: list[str] | None = None) -> pa.Table | None:
+        """Read `files` as one dataset; when that fails, file by file, skipping (and naming) the bad ones.
+        None when no file could be read."""
+        try:
+            return self._files_dataset(table, files).to_table(columns=columns)
+        except (OSError, pa.ArrowException):
+            pass
+        parts = []
+        for path in files:
+            try:
+                parts.append(self._files_dataset(table, [path]).to_table(columns=columns))
+            except (OSError, pa.ArrowException) as e:
+                self._skip(path, e)
+        if not parts:
+            return None
+        if table == "trials":  # columns differ between files
+            return pa.concat_tables(parts, promote_options="permissive")
+        return pa.concat_tables(parts)
+
+    def _readable(self, files: list[str]) -> list[str]:
+        """`files` less those whose footer does not read (for lazily read views such as DuckDB's)."""
+        try:
+            ds.dataset(files, format="parquet", filesystem=self.fs).count_rows()
+            return files
+        except (OSError, pa.ArrowException):
+            pass
+        good = []
+        for path in files:
+            try:
+                pq.read_metadata(path, filesystem=self.fs)
+                good.append(path)
+            except (OSError, pa.ArrowException) as e:
+                self._skip(path, e)
+        return good
 
     # -- discovery ----------------------------------------------------------------------------------------------
     def sweeps(self) -> list[str]:
         """Names of the sweeps that have any table partition."""
-        out = set()
-        for table in TABLES:
-            sel = pafs.FileSelector(f"{self.root}/{table}", allow_not_found=True)
-            for info in self.fs.get_file_info(sel):
-                if info.type == pafs.FileType.Directory and info.base_name.startswith("sweep="):
-                    out.add(info.base_name.removeprefix("sweep="))
-        return sorted(out)
-
-    def _dataset(self, table: str, sweep: Any = None, trials: Any = None) -> ds.Dataset | None:
-        files = list_files(self.fs, self.root, table, _as_list(sweep), _as_list(trials))
-        return self._files_dataset(table, files) if files else None
+        return list_sweeps(self.fs, self.root)
 
     def _files_dataset(self, table: str, files: list[str]) -> ds.Dataset:
         part = ds.partitioning(pa.schema([SWEEP_FIELD]), flavor="hive")
@@ -99,10 +142,10 @@ class Results:
 
     # -- tables -------------------------------------------------------------------------------------------------
     def trials_arrow(self, sweep: str | Iterable[str] | None = None) -> pa.Table:
-        d = self._dataset("trials", sweep)
-        if d is None:
+        files = list_files(self.fs, self.root, "trials", _as_list(sweep, "sweep"))
+        t = self._to_table("trials", files) if files else None
+        if t is None:
             return self._empty("trials")
-        t = d.to_table()
         front = [c for c in ("sweep", *TRIALS_SCHEMA.names) if c in t.column_names]
         return t.select(front + [c for c in t.column_names if c not in front])
 
@@ -128,13 +171,14 @@ class Results:
             cols = list(dict.fromkeys([*keys, "attempt", *columns]))
         else:
             cols = ["sweep", *_FILE_SCHEMAS[table].names]
-        files = list_files(self.fs, self.root, table, _as_list(sweep), _as_list(trials))
-        if not files:
-            return self._empty(table, cols)
+        files = list_files(self.fs, self.root, table, _as_list(sweep, "sweep"), _as_list(trials, "trial_id"))
         parts = []
         for messy, group in _plan(files):
-            t = self._files_dataset(table, group).to_table(columns=cols)
-            parts.append(_dedupe(t, keys) if messy else t)
+            t = self._to_table(table, group, cols)
+            if t is not None:
+                parts.append(_dedupe(t, keys) if messy else t)
+        if not parts:
+            return self._empty(table, cols)
         out = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
         if not _sorted_unique(out, keys):  # files not written by Store (or renamed): do it the slow way
             out = _dedupe(out, keys)
@@ -169,7 +213,7 @@ class Results:
         con.register("trials_raw", self.trials_arrow())
         con.execute("CREATE VIEW trials AS SELECT * FROM trials_raw")
         for table in ("metrics", "experts", "routing"):
-            files = list_files(self.fs, self.root, table)
+            files = self._readable(list_files(self.fs, self.root, table))
             con.register(f"{table}_raw", self._files_dataset(table, files) if files else self._empty(table))
             if any(messy for messy, _ in _plan(files)):
                 con.execute(f"CREATE VIEW {table} AS SELECT * EXCLUDE (_rank) FROM (SELECT *, row_number() OVER "
@@ -183,7 +227,7 @@ class Results:
 
     def fits(self, sweep: str | None = None) -> pd.DataFrame:
         """The `fits` table written by `moelab fit` (one sweep, or all); an empty frame when there is none."""
-        from moelab.ablations.report import read_fits
+        from moelab.platform.fitstable import read_fits
 
         return read_fits(self.root, sweep, filesystem=self.fs)
 

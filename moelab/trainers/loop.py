@@ -15,9 +15,13 @@ the `checkpoint.pt` file (torch.save) and can also resume from a DCP directory.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import enum
+import io
 import json
 import math
 import os
+import pickle
 import shutil
 import sys
 import time
@@ -44,6 +48,11 @@ DCP_PREFIX = "ckpt-"  # sharded checkpoints: <out>/ckpt-<step, 8 digits>/ (compl
 DCP_META = "meta.json"
 # Test hook: `MOELAB_FAULT_NAN_AT_STEP=N` makes step N's loss NaN, to exercise the divergence path end to end.
 FAULT_NAN_ENV = "MOELAB_FAULT_NAN_AT_STEP"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: refused (it holds pickled objects), unreadable, or written for a
+    different model. The message names the file and, for a mismatch, the tensor."""
 
 
 class Diverged(RuntimeError):
@@ -89,11 +98,140 @@ def find_checkpoint(path: str | Path) -> Path:
     return max(found)[1]
 
 
+def _torch_load(path: Path | io.BytesIO, where: str, map_location: Any = "cpu") -> Any:
+    """torch.load that runs no pickled code (weights_only) and says what was wrong with the file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(f"{where}: refused: the file holds pickled Python objects besides tensors and plain "
+                              f"values, which could run code when loaded; moelab checkpoints never do. Not loaded "
+                              f"({str(e).splitlines()[0][:200]})") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise CheckpointError(f"{where}: not a readable checkpoint (truncated, or not written by torch.save): "
+                              f"{type(e).__name__}: {str(e).splitlines()[0][:200]}") from None
+
+
+def _shape(v: Any) -> list[int]:
+    return list(v.shape) if hasattr(v, "shape") else list(v)
+
+
+def check_state_dict(got: dict[str, Any], want: dict[str, Any], where: str,
+                     configs: tuple[dict, dict] | None = None) -> None:
+    """Raise CheckpointError naming the first tensor that is missing, unexpected or of another shape.
+    Values are tensors or shapes. `configs`: (the checkpoint's model config, this run's), to name the
+    settings that differ."""
+    problem = None
+    for k, v in want.items():
+        if k not in got:
+            problem = f"tensor {k!r} is missing from the checkpoint"
+        elif _shape(got[k]) != _shape(v):
+            problem = f"tensor {k!r} has shape {_shape(got[k])} in the checkpoint and {_shape(v)} in this model"
+        if problem:
+            break
+    if problem is None:
+        extra = [k for k in got if k not in want]
+        if not extra:
+            return
+        problem = f"tensor {extra[0]!r} is in the checkpoint but not in this model" + (
+            f" (and {len(extra) - 1} more)" if len(extra) > 1 else "")
+    hint = ""
+    if configs is not None:
+        diff = _config_diff(*configs, prefix="model")
+        if diff:
+            hint = "; the checkpoint was written with " + ", ".join(f"{k}={a!r} (this run: {b!r})"
+                                                                    for k, (a, b) in list(diff.items())[:4])
+    raise CheckpointError(f"{where}: the checkpoint does not fit this model: {problem}{hint}")
+
+
+def _config_diff(a: Any, b: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """Dotted keys whose values differ between two nested config dicts (model section)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        out: dict[str, tuple[Any, Any]] = {}
+        for k in dict.fromkeys([*a, *b]):
+            out.update(_config_diff(a.get(k), b.get(k), f"{prefix}.{k}" if prefix else k))
+        return out
+    return {} if a == b else {prefix: (a, b)}
+
+
+class _DcpMetadataUnpickler(pickle.Unpickler):
+    """Unpickles a DCP `.metadata` file, which torch.distributed.checkpoint reads with plain pickle.load:
+    only the plain records DCP writes there (its metadata dataclasses and enums, torch.Size, dtypes,
+    layouts, paths) may be named; any other global (os.system, ...) is refused before it can be called."""
+
+    _MODULES = ("torch.distributed.checkpoint.",)
+    _NAMES = {("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+              ("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("pathlib", "PurePosixPath"),
+              ("pathlib", "PureWindowsPath")}
+
+    def find_class(self, module: str, name: str) -> Any:
+        obj = super().find_class(module, name) if module.startswith(("torch", "pathlib", "collections")) else None
+        if (module, name) in self._NAMES or (module == "torch" and isinstance(obj, torch.dtype)):
+            return obj
+        if module.startswith(self._MODULES) and isinstance(obj, type) and (
+                dataclasses.is_dataclass(obj) or issubclass(obj, enum.Enum)):
+            return obj
+        raise pickle.UnpicklingError(f"global {module}.{name} is not allowed in a checkpoint's .metadata")
+
+
+def _dcp_classes():
+    """A DCP reader and load planner that run no pickled code: the metadata goes through
+    _DcpMetadataUnpickler, and non-tensor values (optimizer hyper-parameters) through a weights_only load
+    before DCP's own load of the same bytes."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner, FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args: Any, **kwargs: Any):
+            with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+                metadata = _DcpMetadataUnpickler(f).load()
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item: Any, value: io.BytesIO) -> None:
+            data = value.getvalue()
+            torch.load(io.BytesIO(data), weights_only=True)  # raises UnpicklingError on any other global
+            super().load_bytes(read_item, io.BytesIO(data))
+
+    return SafeReader, SafePlanner
+
+
 def save_atomic(obj: Any, path: Path) -> None:
     """torch.save to a temp file, then rename: a checkpoint is whole or absent, never half-written."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     torch.save(obj, tmp)
     os.replace(tmp, path)
+
+
+def read_metrics_jsonl(path: Path, *, partial_last: bool = True) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file. A last line without its newline that does not parse is the row a
+    killed run was writing: dropped when `partial_last` (its step is recomputed after a resume). Any other
+    line that is not a JSON object with a `step` raises ValueError naming the file and the line."""
+    try:
+        text = path.read_text()
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not a text file ({e}); metrics.jsonl holds one JSON object per line") from None
+    lines = text.split("\n")
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        last_unterminated = i == len(lines)  # text.split leaves "" after a final newline
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict) or not isinstance(row.get("step"), int):
+                raise ValueError("not an object with an integer 'step'")
+        except ValueError as e:
+            if last_unterminated and partial_last:
+                break
+            raise ValueError(f"{path}:{i}: unreadable metrics line ({e}): {line[:80]!r}; remove or fix that "
+                             f"line, or start a fresh run with another --out") from None
+        rows.append(row)
+    return rows
 
 
 @dataclass
@@ -127,6 +265,9 @@ class Trainer:
         self.is_main = self.par is None or self.par.is_main
         self.out_dir = Path(out_dir)
         self.metrics_path = Path(metrics_jsonl) if metrics_jsonl else self.out_dir / "metrics.jsonl"
+        if self.metrics_path.is_dir():
+            raise ConfigError(f"--metrics-jsonl: {self.metrics_path} is a directory; allowed: a file path "
+                              f"(e.g. {self.metrics_path / 'metrics.jsonl'})")
         self.progress = (sys.stderr.isatty() if progress is None else progress) and self.is_main
         self.report = report
         if self.par is None and rc.train.ep > 1:
@@ -142,7 +283,18 @@ class Trainer:
         if model is None and rc.upcycle.source:  # continue from, or upcycle, another model's weights
             from moelab.trainers.upcycle import initial_model
 
-            model = initial_model(rc)
+            where = f"upcycle.source {rc.upcycle.source}"
+            try:
+                model = initial_model(rc)
+            except pickle.UnpicklingError as e:
+                raise CheckpointError(f"{where}: refused: the file holds pickled Python objects besides tensors "
+                                      f"and plain values, which could run code when loaded. Not loaded "
+                                      f"({str(e).splitlines()[0][:200]})") from None
+            except (EOFError, RuntimeError) as e:
+                if "PytorchStreamReader" not in str(e) and not isinstance(e, EOFError):
+                    raise
+                raise CheckpointError(f"{where}: not a readable checkpoint (truncated, or not written by "
+                                      f"torch.save): {str(e).splitlines()[0][:200]}") from None
         if model is not None and model.cfg != rc.model:
             raise ConfigError("Trainer(model=...): the model's config differs from rc.model")
         self.model: Transformer = (model.to(self.device) if model is not None
@@ -207,56 +359,99 @@ class Trainer:
         return path
 
     def load_checkpoint(self, path: str | Path) -> None:
-        """Resume from `path` (see `find_checkpoint`): weights, router biases, AdamW state, step."""
+        """Resume from `path` (see `find_checkpoint`): weights, router biases, AdamW state, step. Loads no
+        pickled code; a checkpoint of another model raises CheckpointError naming the first tensor that
+        differs."""
         path = find_checkpoint(path)
+        where = f"--resume {path}"
         if path.is_dir():
             meta = self._load_dcp(path)
         else:
-            meta = torch.load(path, map_location="cpu" if self.par else self.device, weights_only=False)
+            meta = _torch_load(path, where, "cpu" if self.par else self.device)
+            if not isinstance(meta, dict) or not {"model", "optim", "step"} <= set(meta):
+                raise CheckpointError(f"{where}: not a moelab checkpoint (no model / optim / step entries)")
+            configs = (meta.get("config", {}).get("model", {}), to_dict(self.rc)["model"])
             if self.par:
-                self._load_full(meta)
+                self._load_full(meta, where, configs)
             else:
+                check_state_dict(meta["model"], self.model.state_dict(), where, configs)
                 self.model.load_state_dict(meta["model"])
-                self.opt.load_state_dict(meta["optim"])
+                self._load_optim(self.opt, meta["optim"], where)
         self.step = meta["step"]
         self.wall_offset = meta.get("wall_s", 0.0)
         self.checkpoint_path = path
         if self.is_main:
             self._truncate_metrics(self.step)
 
+    @staticmethod
+    def _load_optim(opt: torch.optim.Optimizer, state: dict, where: str) -> None:
+        try:
+            opt.load_state_dict(state)
+        except (ValueError, KeyError, TypeError, RuntimeError) as e:
+            raise CheckpointError(f"{where}: the optimizer state does not fit this run's parameter groups "
+                                  f"({type(e).__name__}: {e})") from None
+
     def _load_dcp(self, path: Path) -> dict:
         """Load a DCP directory into this layout (DCP reshards: any saved world/EP size, or one process)."""
         import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.metadata import TensorStorageMetadata
         from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+        where = f"--resume {path}"
+        try:
+            meta = json.loads((path / DCP_META).read_text())
+        except (OSError, ValueError) as e:
+            raise CheckpointError(f"{where}: {DCP_META} is missing or unreadable ({e}); the checkpoint was not "
+                                  f"finished") from None
+        SafeReader, SafePlanner = _dcp_classes()
         model_sd, optim_sd = get_state_dict(self.model, self.opt)  # this layout's shards, to be filled
+        try:
+            stored = SafeReader(path).read_metadata().state_dict_metadata
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{where}: refused: its .metadata names code to run ({e}). Not loaded") from None
+        except (OSError, EOFError, AttributeError, ValueError) as e:
+            raise CheckpointError(f"{where}: unreadable .metadata ({type(e).__name__}: {e})") from None
+        got = {k[len("model."):]: torch.Size(v.size) for k, v in stored.items()
+               if k.startswith("model.") and isinstance(v, TensorStorageMetadata)}
+        check_state_dict(got, model_sd, where, (meta.get("config", {}).get("model", {}), to_dict(self.rc)["model"]))
         state = {"model": model_sd, "optim": optim_sd}
-        with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
-            warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
-            dcp.load(state, checkpoint_id=path, no_dist=self.par is None)
+        try:
+            with warnings.catch_warnings():  # one process: DCP warns that it assumes one process
+                warnings.filterwarnings("ignore", message="torch.distributed is .*single process")
+                dcp.load(state, storage_reader=SafeReader(path), planner=SafePlanner(), no_dist=self.par is None)
+        except (dcp.CheckpointException, RuntimeError, ValueError, KeyError, OSError) as e:
+            # DCP wraps each rank's failure in a CheckpointException (a BaseException) holding its traceback.
+            text = str(e)
+            if "UnpicklingError" in text or "Weights only load failed" in text:
+                raise CheckpointError(f"{where}: refused: a stored value is a pickled object that could run "
+                                      f"code when loaded. Not loaded") from None
+            raise CheckpointError(f"{where}: could not load ({type(e).__name__}: {text.splitlines()[-1][:300]})"
+                                  ) from None
         set_state_dict(self.model, self.opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-        return json.loads((path / DCP_META).read_text())
+        return meta
 
-    def _load_full(self, state: dict) -> None:
+    def _load_full(self, state: dict, where: str = "--resume", configs: tuple[dict, dict] | None = None) -> None:
         """A single process's torch.save checkpoint into a sharded model: rebuild it whole on the CPU, take
         FQN-keyed state dicts, and let every rank keep its shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
         plain = Transformer(self.rc.model)
+        check_state_dict(state["model"], plain.state_dict(), where, configs)
         plain.load_state_dict(state["model"])
         opt = build_optimizer(plain, self.rc.optim)
-        opt.load_state_dict(state["optim"])
+        self._load_optim(opt, state["optim"], where)
         model_sd, optim_sd = get_state_dict(plain, opt)
         set_state_dict(self.model, self.opt, model_state_dict=model_sd, optim_state_dict=optim_sd,
                        options=StateDictOptions(full_state_dict=True))
 
     def _truncate_metrics(self, step: int) -> None:
-        """Drop logged rows past the checkpoint: they are recomputed, identically, after resuming."""
+        """Drop logged rows past the checkpoint: they are recomputed, identically, after resuming. A fresh run
+        (step 0) starts an empty log without reading the old one."""
         if not self.metrics_path.exists():
             return
-        keep = [l for l in self.metrics_path.read_text().splitlines() if l and json.loads(l)["step"] <= step]
+        keep = [] if step == 0 else [r for r in read_metrics_jsonl(self.metrics_path) if r["step"] <= step]
         tmp = self.metrics_path.with_suffix(".tmp")
-        tmp.write_text("".join(l + "\n" for l in keep))
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in keep))
         os.replace(tmp, self.metrics_path)
 
     # -- steps --------------------------------------------------------------------------------------------------
@@ -455,8 +650,8 @@ class Trainer:
         if bar:
             bar.close()
         if not last and self.is_main and self.metrics_path.exists():  # resumed a run that had already finished
-            lines = self.metrics_path.read_text().splitlines()
-            last = json.loads(lines[-1]) if lines else {}
+            rows = read_metrics_jsonl(self.metrics_path)
+            last = rows[-1] if rows else {}
         summary = self.summary(last)
         if self.is_main:
             (self.out_dir / "summary.json").write_text(json.dumps(summary, indent=2))

@@ -164,9 +164,13 @@ def test_routing_columnar_and_bad_counts(tmp_path):
     assert len(g) == 3 * 2 * 3 * 4
     got = g.set_index(["step", "layer", "domain", "expert"]).tokens
     assert got[(20, 1, 2, 3)] == counts[1, 1, 2, 3] and got[(30, 0, 1, 2)] == counts[0, 0, 1, 2]
-    st.append_routing("sw", "t", 0, 40, [[1, 2, 3]])  # not [domains][experts]
+    # A malformed value fails the call that brings it; it never reaches the buffer, which stays writable.
+    st.append_routing("sw", "t", 0, 50, counts[0].tolist())
     with pytest.raises(StoreError, match="n_domains, n_experts"):
-        st.flush()
+        st.append_routing("sw", "t", 0, 40, [[1, 2, 3]])  # not [domains][experts]
+    with pytest.raises(StoreError, match="metrics.loss.*a number"):
+        st.append_metrics("sw", "t", 0, [dict(step=60, loss="low")])
+    assert st.flush() == 1 and sorted(mr.open(tmp_path).routing().step.unique()) == [10, 20, 30, 50]
 
 
 def test_rewriting_a_batch_is_idempotent(tmp_path):
