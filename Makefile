@@ -8,7 +8,7 @@ TORCH_CPU := torch==2.13.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 EXTRAS ?= dev,hf,dashboard
 
-.PHONY: install browser test demo bench bench-gpu compile-check clean
+.PHONY: install browser test demo bench bench-coverage bench-gpu compile-check clean
 
 install: $(VENV)/.installed
 
@@ -45,6 +45,10 @@ bench: install
 	OMP_NUM_THREADS=2 $(BIN)/python bench/train_cpu.py
 	$(BIN)/python bench/parallel_cpu.py
 	OMP_NUM_THREADS=2 $(BIN)/python bench/fits_bench.py
+
+# Coverage of moelab fit's intervals on the truth harness: 200 worlds with known answers (~1 h on 2 cores).
+bench-coverage: install
+	OMP_NUM_THREADS=1 $(BIN)/python bench/coverage_bench.py --replicates 200 --n-boot 100 --workers 2
 
 # The Triton kernel benchmark needs a CUDA GPU (exits 2 with a message elsewhere).
 bench-gpu: install

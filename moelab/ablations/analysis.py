@@ -40,6 +40,7 @@ import pandas as pd
 
 from moelab import results as _results
 from moelab.ablations.effects import MIN_SEEDS, effects as _effects, holm
+from moelab.ablations.el_law import ELFit, el_law_rows, fit_efficiency_leverage
 from moelab.ablations.fits import ChinchillaFit, FlopsPerToken, GranularityFit, fit_chinchilla, fit_granularity, \
     frontier_params
 from moelab.ablations.leverage import NO_NOISE, SeedNoise, cell_leverage, family_leverage, interval, seed_noise, \
@@ -91,6 +92,7 @@ class Analysis:
     size_leverage: pd.DataFrame | None = None
     family_leverage: pd.DataFrame | None = None
     granularity: GranularityFit | None = None
+    el_law: ELFit | None = None
     effects: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -407,6 +409,7 @@ def analyse_trials(
     for i, g in enumerate(group_order(a)):
         _fit_group(a, cp, g, grid, refine_top, seed + 7919 * i)
     _leverage(a, seed)
+    _fit_el_law(a, seed)
     _fit_granularity(a, cp)
     _effects_all(a)
     return a
@@ -569,6 +572,39 @@ def _family_rows(a: Analysis, moe: pd.DataFrame, dense_fpt: FlopsPerToken) -> pd
                                        "loss", "c_dense", "extrapolated", "n_trials"])
 
 
+def _design(t: pd.DataFrame) -> pd.DataFrame:
+    """Per trial: activation ratio A (activated routed + shared over all routed + shared experts, counted in
+    expert widths), the paper's G = 2 d_model / d_expert, and moelab's G = d_ff / d_expert (Tian et al. 2025's
+    conventions; refs.md). NaN where the flattened config lacks a column."""
+    E, k = _num(t, "model.moe.n_experts"), _num(t, "model.moe.top_k")
+    n_sh, d_sh = _num(t, "model.moe.n_shared").fillna(0.0), _num(t, "model.moe.d_shared").fillna(0.0)
+    G = t["G"] if "G" in t else granularity(t)
+    d_exp = _num(t, "model.d_ff") / G
+    d_sh = d_sh.where(d_sh > 0, d_exp)
+    A = (k * d_exp + n_sh * d_sh) / (E * d_exp + n_sh * d_sh)
+    return pd.DataFrame({"A": A, "G_paper": 2.0 * _num(t, "model.d_model") / d_exp, "G_moelab": G}, index=t.index)
+
+
+def _fit_el_law(a: Analysis, seed: int) -> None:
+    """Tian et al. 2025 Eq. 13 over the families' efficiency leverages at their stated budgets (whole families
+    resampled), when the sweep varies A, G and C enough; skipped with the reason otherwise."""
+    fl = a.family_leverage
+    if fl is None or fl["group"].nunique() < 2:
+        return
+    what = "efficiency-leverage law (Tian et al. 2025 Eq. 13)"
+    moe = a.trials[a.trials["usable"] & (a.trials["family"] == "moe")]
+    design = _design(moe).groupby(moe["group"]).first()
+    pts = fl.join(design, on="group")
+    pts = pts[np.isfinite(pts["leverage"]) & np.isfinite(pts["A"]) & np.isfinite(pts["G_paper"])]
+    try:
+        a.el_law = fit_efficiency_leverage(pts["A"], pts["G_paper"], pts["at_compute"], pts["leverage"],
+                                           groups=pts["group"], G_moelab=pts["G_moelab"], n_boot=a.n_boot,
+                                           confidence=a.confidence, seed=seed)
+    except ValueError as e:
+        a.skip(what, f"{e} (needs the families' activation ratio, granularity and budget to vary)", "moe",
+               "efficiency_leverage")
+
+
 def _fit_granularity(a: Analysis, cp: pd.DataFrame) -> None:
     what = "granularity law (Krajewski et al. eq. 9)"
     moe = a.trials[a.trials["usable"] & (a.trials["family"] == "moe")]
@@ -668,6 +704,8 @@ def fit_rows(a: Analysis) -> list[dict[str, Any]]:
         if g in a.family_fits:
             rows += _law_row(a, g, a.family_fits[g])
     rows.sort(key=lambda r: (r["family"] != "dense", r["law"] != "power_law"))  # the dense frontier first
+    if a.el_law is not None:
+        rows += el_law_rows(a.el_law)
     if a.granularity is not None:
         d = a.granularity.to_dict()
         rows.append({"family": "moe", "law": "granularity", "scope": "law", "status": "ok", "n_points": d["n_points"],

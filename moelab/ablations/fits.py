@@ -48,6 +48,7 @@ from typing import Any, Sequence
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import threadpool_limits
 
 __all__ = [
     "ChinchillaFit",
@@ -325,6 +326,14 @@ def _multistart(model: _LSEModel, starts: np.ndarray, weights: np.ndarray, *, gr
     weights: (groups, n) point weights of each problem (a bootstrap resample = integer weights).
     polish: within each group, the best ``polish`` distinct end points are rerun with scipy L-BFGS-B.
     """
+    # The products here are tiny ((S, K n) x (K n, p)): a multi-threaded BLAS only spins its threads, which
+    # cost 4x the CPU time on 2 cores (and far more on a busy machine), so one thread does the work.
+    with threadpool_limits(limits=1, user_api="blas"):
+        return _multistart_1(model, starts, weights, groups, polish, chunk)
+
+
+def _multistart_1(model: _LSEModel, starts: np.ndarray, weights: np.ndarray, groups: int, polish: int,
+                  chunk: int) -> tuple[np.ndarray, np.ndarray]:
     starts = np.atleast_2d(np.asarray(starts, dtype=float))
     weights = np.atleast_2d(np.asarray(weights, dtype=float))
     per_group = len(starts) // groups
@@ -1100,3 +1109,4 @@ def efficiency_leverage_at(dense: Any, dense_fpt: FlopsPerToken, moe: Any, moe_f
     the dense law never reaches the MoE's loss."""
     loss = frontier_loss(moe, compute, moe_fpt)
     return frontier_compute(dense, loss, dense_fpt) / np.asarray(compute, dtype=float)
+from moelab.ablations.el_law import efficiency_leverage  # noqa: E402,F401  (Tian et al. 2025 Eq. 13; own module)

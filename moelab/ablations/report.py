@@ -151,6 +151,12 @@ def summary_text(a: Analysis, *, notes: bool = True) -> str:
                  for k in ("E", "A", "B", "alpha", "beta")]
         lines.append(f"{g} L(N,D) = E + A/N^alpha + B/D^beta ({f.n_points} points, {pct} CI): " + ", ".join(parts))
     lines += _leverage_lines(a)
+    if a.el_law is not None:
+        f, iv = a.el_law, a.el_law.intervals or {}
+        parts = [f"{k}={_fmt(v)}{_interval_text(*iv.get(k, (None, None)))}" for k, v in f.params.items()]
+        lines.append(f"efficiency-leverage law (Tian et al. 2025 Eq. 13, {f.n_points} points in {f.n_groups} "
+                     f"families): " + ", ".join(parts) + f"; optimal G = 2 d_model / d_expert = "
+                     f"{_fmt(f.optimal_granularity())} (`moelab advise --fits` uses it)")
     if a.granularity is not None:
         g = a.granularity
         lines.append(f"granularity law: c={_fmt(g.c)}, g={_fmt(g.g)}, gamma={_fmt(g.gamma)}, a={_fmt(g.a)}, "

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import math
-import uuid
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -24,9 +23,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.dataset as ds
 import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
-from moelab.platform.store import NAME_RE, list_files, partition_dir, resolve_root
+from moelab.platform.store import NAME_RE, list_files, partition_dir, put_table, resolve_root
 
 __all__ = ["FITS_SCHEMA", "fits_table", "write_fits_table", "read_fits"]
 
@@ -96,33 +94,13 @@ def fits_table(rows: Iterable[Mapping[str, Any]]) -> pa.Table:
     return pa.table({k: pa.array(v, FITS_SCHEMA.field(k).type) for k, v in cols.items()}, schema=FITS_SCHEMA)
 
 
-def _put_atomic(fs: pafs.FileSystem, path: str, table: pa.Table) -> None:
-    """Whole file or nothing: locally a hidden `.tmp-*` file in the same directory renamed over the target;
-    on an object store one PUT of the whole file."""
-    directory, name = path.rsplit("/", 1)
-    if isinstance(fs, pafs.LocalFileSystem):
-        fs.create_dir(directory, recursive=True)
-        tmp = f"{directory}/.tmp-{uuid.uuid4().hex}-{name}"
-        try:
-            pq.write_table(table, tmp, filesystem=fs)
-            fs.move(tmp, path)
-        except BaseException:
-            try:
-                fs.delete_file(tmp)
-            except OSError:
-                pass
-            raise
-    else:
-        pq.write_table(table, path, filesystem=fs)
-
-
 def write_fits_table(root: str, sweep: str, table: pa.Table, *, filesystem: pafs.FileSystem | None = None) -> str:
     """Replace ROOT/fits/sweep=S/fits.parquet with ``table``; returns its path."""
     if not NAME_RE.match(sweep or ""):
         raise ValueError(f"sweep label {sweep!r} is not a valid partition name (letters, digits, _ and -)")
     fs, base = resolve_root(root, filesystem)
     path = f"{partition_dir(base, 'fits', sweep)}/fits.parquet"
-    _put_atomic(fs, path, table)
+    put_table(fs, path, table)  # the store's own whole-or-nothing write (local and object store)
     return path
 
 
