@@ -195,6 +195,7 @@ def effects(
     seeded = seed_col in frame and frame[seed_col].notna().all()
 
     base = frame[frame[axis] == baseline]
+    base_cells = base.groupby([seed_col, "_block"])[metric].mean() if seeded else None
     rows = []
     for value in order:
         sub = frame[frame[axis] == value]
@@ -203,7 +204,7 @@ def effects(
         if value == baseline:
             row.update(_empty_contrast(0.0, "", "baseline"))
         elif seeded:
-            row.update(_paired_or_welch(sub, base, metric, seed_col, per_seed, confidence))
+            row.update(_paired_or_welch(sub, base, base_cells, metric, seed_col, per_seed, confidence))
         else:
             row.update(_unpaired(per_seed, _per_seed(base, metric, seed_col).to_numpy(float), confidence))
         rows.append(row)
@@ -211,11 +212,11 @@ def effects(
     return out.astype({"n": int, "n_inf": int, "is_baseline": bool})
 
 
-def _paired_or_welch(sub: pd.DataFrame, base: pd.DataFrame, metric: str, seed_col: str,
+def _paired_or_welch(sub: pd.DataFrame, base: pd.DataFrame, b: pd.Series, metric: str, seed_col: str,
                      per_seed: np.ndarray, confidence: float) -> dict[str, Any]:
-    """Within-seed, within-block differences averaged per seed; Welch when no seed has both arms."""
+    """Within-seed, within-block differences averaged per seed (b: the baseline's cell means); Welch when no
+    seed has both arms."""
     a = sub.groupby([seed_col, "_block"])[metric].mean()
-    b = base.groupby([seed_col, "_block"])[metric].mean()
     both = a.index.intersection(b.index)
     if len(both):
         with np.errstate(invalid="ignore"):

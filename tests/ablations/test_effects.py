@@ -112,17 +112,17 @@ def test_holm_by_hand():
 
 
 def test_holm_controls_the_family_wise_error_rate():
-    """Six null contrasts at 3 seeds: uncorrected p < 0.05 somewhere in ~26% of reports, Holm in <= 5%."""
+    """Five null contrasts at 3 seeds: uncorrected p < 0.05 somewhere in ~20% of reports, Holm in <= 5%."""
     rng = np.random.default_rng(4)
-    reps, any_raw, any_holm = 400, 0, 0
+    reps, any_raw, any_holm = 250, 0, 0
     for _ in range(reps):
-        rows = [{"x": v, "seed": s, "loss": 2.0 + rng.normal(0, 0.01)} for v in range(7) for s in range(3)]
+        rows = [{"x": v, "seed": s, "loss": 2.0 + rng.normal(0, 0.01)} for v in range(6) for s in range(3)]
         out = effects(pd.DataFrame(rows), "x", "loss")
         p = out["p_value"].to_numpy(float)[1:]
         any_raw += bool(np.any(p < 0.05))
         any_holm += bool(np.any(holm(p) < 0.05))
-    assert any_raw / reps > 0.15
-    assert any_holm / reps <= 0.075
+    assert any_raw / reps > 0.12
+    assert any_holm / reps <= 0.08
 
 
 def test_bad_arguments_raise():
