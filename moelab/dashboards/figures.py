@@ -1,5 +1,5 @@
-"""Plotly figures of the dashboard, built from `moelab.dashboards.query` outputs (also usable in a notebook:
-`curves_figure(curve_data(Reader(root), ...)).show()`).
+"""Plotly figures of the dashboard, built from the frames of `moelab.dashboards.curves`, `.effects`,
+`.scaling`, `.experts` and `.trials` (also usable in a notebook: `curves_figure(curve_data(Reader(root), ...)).show()`).
 
 Every builder takes plain frames / dataclasses and returns a `go.Figure`; none reads the store. Trace layout
 is stable so tests can count traces:
@@ -24,7 +24,9 @@ import plotly.graph_objects as go
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from moelab.dashboards.query import CurveData, DenseLaw
+from moelab.dashboards.curves import CurveData
+from moelab.dashboards.scaling import DenseLaw
+from moelab.dashboards.trials import fmt_value
 
 __all__ = [
     "STATUS_COLORS", "message_figure", "overview_figure", "curves_figure", "effects_figure", "scaling_figure",
@@ -43,12 +45,6 @@ def _rgba(color: str, alpha: float) -> str:
     color = color.lstrip("#")
     r, g, b = (int(color[i:i + 2], 16) for i in (0, 2, 4))
     return f"rgba({r},{g},{b},{alpha})"
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "-"
-    return f"{v:g}" if isinstance(v, float) else str(v)
 
 
 def _balanced_scale(z: np.ndarray, balanced: float) -> dict[str, Any]:
@@ -166,8 +162,8 @@ def effects_figure(eff: pd.DataFrame, axis: str, metric: str, confidence: float 
     splits = [(None, eff)] if "split" not in eff else list(eff.groupby("split", sort=True, dropna=False))
     for i, (sv, e) in enumerate(splits):
         color = PALETTE[i % len(PALETTE)]
-        name = "all" if sv is None else _fmt(sv)
-        x = [_fmt(v) for v in e["value"]]
+        name = "all" if sv is None else fmt_value(sv)
+        x = [fmt_value(v) for v in e["value"]]
         base = e["is_baseline"].to_numpy(bool)
         up = (e["ci_hi"] - e["mean"]).to_numpy(float)
         fig.add_scatter(x=x, y=e["mean"], mode="lines+markers", name=f"{name}", legendgroup=name,
@@ -343,12 +339,12 @@ def parallel_figure(frame: pd.DataFrame, axes: Sequence[str], metric: str) -> go
         if num.notna().all() and col.map(lambda v: isinstance(v, (int, float, np.number))).all():
             vals = sorted(num.unique())
             if len(vals) <= 12:
-                dims.append(dict(label=a, values=num, tickvals=vals, ticktext=[_fmt(float(v)) for v in vals]))
+                dims.append(dict(label=a, values=num, tickvals=vals, ticktext=[fmt_value(float(v)) for v in vals]))
             else:
                 dims.append(dict(label=a, values=num))
         else:
-            cats = list(dict.fromkeys(col.map(_fmt)))
-            codes = col.map(_fmt).map({c: i for i, c in enumerate(cats)})
+            cats = list(dict.fromkeys(col.map(fmt_value)))
+            codes = col.map(fmt_value).map({c: i for i, c in enumerate(cats)})
             dims.append(dict(label=a, values=codes, tickvals=list(range(len(cats))), ticktext=cats))
     y = frame[metric].astype(float)
     dims.append(dict(label=metric, values=y))

@@ -167,7 +167,7 @@ def test_every_view_renders(server, page, tmp_path, view):
                              ".map(d => d.label)")
         assert dims == ["model.moe.n_experts", "upcycle.noise_std", "final_loss"]
     if view == "scaling":
-        assert page.locator("#scaling-note").inner_text().startswith("Dense law from a fit of the dense runs")
+        assert page.locator("#scaling-note").inner_text().startswith("No fits table: leverage here is a quick estimate")
     if view == "experts":  # the domain x expert heatmap of the fixture's routing table: 4 domains, rows sum to 1
         heat = page.evaluate("(() => { const t = document.querySelector('#experts-domain .js-plotly-plot')"
                              "._fullData[0]; return {type: t.type, y: Array.from(t.y),"  # z decoded from binary
