@@ -1,16 +1,22 @@
-"""Controller overhead: the wall time of a sweep of 8 tiny trials against the sum of their training times.
+"""Controller overhead, both trial paths: the same 8 tiny trials inside their Tune trials and as Ray Train runs.
 
 A sweep of 8 `moe-tiny` trials (top_k 1/2 x 4 seeds, synthetic data, `--steps` steps of 16 x 64 tokens, a
 row every 10 steps, checkpoints every `--ckpt-every`) runs through `run_sweep` on a fresh local Ray with
-`--cpus` CPUs, once per `--cpus-per-worker` value (1 worker per trial; concurrency = CPUs / that). For each:
+`--cpus` CPUs, once per path (`tune`: a 1-worker trial trains inside its Tune trial, the default; `train`:
+`resources.ray_train`, a Ray Train run per trial) and per `--cpus-per-worker` value (1 worker per trial;
+concurrency = CPUs / that). For each:
 
-  * sweep wall: `run_sweep` from call to return (Tune, 8 Ray Train runs, the store), Ray's start excluded;
-  * training: each trial's `wall_s` (the Trainer's own clock: steps, eval, checkpoints; no process start);
-  * trial span: from the sink's `running` to its `finished` line (Tune trial start to end);
-  * overhead per trial = (sweep wall x concurrency - sum of training) / trials: what a slot spends per
-    trial on anything but training (process and actor start-up, imports, placement groups, reporting).
+  * sweep wall: `run_sweep` from call to return (Tune, the trials, the store), Ray's start excluded;
+  * training: each trial's `wall_s` (the Trainer's own clock: steps, eval, checkpoints, reports; no process
+    start, imports or model build);
+  * overhead per trial, median: a trial's span (the sink's `running` to its `finished`, in the driver) minus
+    its training time: start-up, imports, model build, the end of the run;
+  * slot overhead per trial: (sweep wall x concurrency - sum of training) / trials: all a slot spends on
+    anything but training, the gaps between trials and the sweep's start and end included;
+  * training share: sum of training / (sweep wall x concurrency).
 
-    OMP_NUM_THREADS=1 python bench/controller_bench.py [--steps 60] [--cpus 2] [--cpus-per-worker 1 0.5]
+    OMP_NUM_THREADS=1 python bench/controller_bench.py [--steps 60] [--cpus 2] [--cpus-per-worker 1]
+        [--paths tune train]
 """
 
 from __future__ import annotations
@@ -32,20 +38,21 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 from moelab.platform.spec import parse_spec  # noqa: E402
 
 
-def spec_doc(steps: int, ckpt_every: int, cpus_per_worker: float) -> dict:
+def spec_doc(steps: int, ckpt_every: int, cpus_per_worker: float, path: str) -> dict:
     return {"name": "bench", "common": {"data.source": "synthetic", "train.steps": steps, "train.log_every": 10,
                                         "train.eval_every": 0, "train.ckpt_every": ckpt_every},
             "base": {"preset": "moe-tiny"}, "axes": {"model.moe.top_k": [1, 2]}, "seeds": [0, 1, 2, 3],
-            "resources": {"workers": 1, "cpus_per_worker": cpus_per_worker}}
+            "resources": {"workers": 1, "cpus_per_worker": cpus_per_worker, "ray_train": path == "train"}}
 
 
-def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float) -> dict:
+def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, path: str) -> dict:
     import ray
 
     import moelab.results as mr
     from moelab.platform.controller import run_sweep
 
     root = tempfile.mkdtemp(prefix="controller-bench-")
+    load0 = os.getloadavg()[0]
     t = time.perf_counter()
     ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t
@@ -56,18 +63,24 @@ def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float) -> dict:
         marks.setdefault(tid, {})[what.split()[0].rstrip(",")] = time.perf_counter()
 
     try:
-        report = run_sweep(parse_spec(spec_doc(steps, ckpt_every, cpus_per_worker)), storage=root, log=log)
+        report = run_sweep(parse_spec(spec_doc(steps, ckpt_every, cpus_per_worker, path)), storage=root, log=log)
     finally:
         ray.shutdown()
+    assert report.path == path, (report.path, path)
     trials = mr.open(root).trials("bench")
     assert (trials.status == "finished").all(), trials[["trial_id", "status", "error"]]
-    train = trials["wall_s"].tolist()
-    spans = [m["finished"] - m["running"] for tid, m in marks.items() if "running" in m and "finished" in m]
+    train = dict(zip(trials["trial_id"], trials["wall_s"]))
+    spans = {tid: m["finished"] - m["running"] for tid, m in marks.items() if "running" in m and "finished" in m}
+    assert set(spans) == set(train), (sorted(spans), sorted(train))
     n, conc = len(train), report.max_concurrent
-    return {"cpus_per_worker": cpus_per_worker, "concurrency": conc, "trials": n, "ray_start_s": ray_start,
-            "sweep_wall_s": report.wall_s, "train_sum_s": sum(train), "train_mean_s": statistics.mean(train),
-            "span_mean_s": statistics.mean(spans), "overhead_per_trial_s": (report.wall_s * conc - sum(train)) / n,
-            "train_share": sum(train) / (report.wall_s * conc)}
+    return {"path": path, "cpus_per_worker": cpus_per_worker, "concurrency": conc, "trials": n,
+            "ray_start_s": ray_start, "sweep_wall_s": report.wall_s, "train_sum_s": sum(train.values()),
+            "train_median_s": statistics.median(train.values()),
+            "span_median_s": statistics.median(spans.values()),
+            "overhead_median_s": statistics.median(spans[t] - train[t] for t in train),
+            "slot_overhead_per_trial_s": (report.wall_s * conc - sum(train.values())) / n,
+            "train_share": sum(train.values()) / (report.wall_s * conc),
+            "load_before": load0, "load_after": os.getloadavg()[0]}
 
 
 def main() -> int:
@@ -75,19 +88,22 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=60)
     p.add_argument("--ckpt-every", type=int, default=20)
     p.add_argument("--cpus", type=int, default=2)
-    p.add_argument("--cpus-per-worker", type=float, nargs="+", default=[1.0, 0.5])
+    p.add_argument("--cpus-per-worker", type=float, nargs="+", default=[1.0])
+    p.add_argument("--paths", nargs="+", default=["tune", "train"], choices=["tune", "train"])
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
-    rows = [one(a.steps, a.ckpt_every, a.cpus, c) for c in a.cpus_per_worker]
+    rows = [one(a.steps, a.ckpt_every, a.cpus, c, path) for c in a.cpus_per_worker for path in a.paths]
     print(f"8 x moe-tiny, {a.steps} steps x 1,024 tokens, {a.cpus} CPUs, {platform.machine()}, "
-          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}")
-    print("| CPUs/worker | concurrent | sweep wall (s) | sum of training (s) | mean training (s) | mean trial span (s) "
-          "| overhead/trial (s) | training share |")
-    print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, {time.strftime('%Y-%m-%d')}")
+    print("| path | CPUs/worker | concurrent | sweep wall (s) | sum of training (s) | median training (s) "
+          "| median trial span (s) | median overhead/trial (s) | slot overhead/trial (s) | training share "
+          "| load avg before/after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
-        print(f"| {r['cpus_per_worker']:g} | {r['concurrency']} | {r['sweep_wall_s']:.1f} | {r['train_sum_s']:.1f} | "
-              f"{r['train_mean_s']:.2f} | {r['span_mean_s']:.1f} | {r['overhead_per_trial_s']:.1f} | "
-              f"{r['train_share']:.0%} |")
+        print(f"| {r['path']} | {r['cpus_per_worker']:g} | {r['concurrency']} | {r['sweep_wall_s']:.1f} | "
+              f"{r['train_sum_s']:.1f} | {r['train_median_s']:.2f} | {r['span_median_s']:.1f} | "
+              f"{r['overhead_median_s']:.1f} | {r['slot_overhead_per_trial_s']:.1f} | {r['train_share']:.0%} | "
+              f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(rows, f, indent=2)

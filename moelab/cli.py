@@ -1,4 +1,4 @@
-"""The `moelab` command line: train | sweep | plan | presets (more commands arrive with the platform)."""
+"""The `moelab` command line: train | sweep | fit | dashboard | store | plan | presets."""
 
 from __future__ import annotations
 
@@ -192,14 +192,18 @@ examples:
   moelab sweep my_sweep.yaml --storage runs/r1 --max-concurrent 2
   moelab sweep my_sweep.yaml --storage runs/r1 --resume   # after a crash: finish, skip finished trials
   moelab sweep noise --wandb                         # also log to W&B (offline unless configured)
+  moelab sweep noise --verbose                       # a line per trial event under the progress line
   moelab sweep leverage-demo --set train.steps=100 --seeds 0   # a quicker look: fewer steps, one seed
   ray job submit --working-dir . -- moelab sweep my_sweep.yaml --storage s3://bucket/results
 
 The sweep file is validated and expanded before Ray starts (exit 2 naming the bad key). Under `ray job
 submit` (RAY_ADDRESS set) the sweep runs on that cluster, else on a local Ray. Trials run up to
 --max-concurrent at a time (default: as many as the cluster's CPUs/GPUs hold), dense baselines before the
-MoE trials upcycled from them. Results: ROOT/{trials,metrics,experts,routing}/sweep=NAME/*.parquet, read with
-moelab.results.open(ROOT); Ray's state (checkpoints, Tune) under ROOT/_ray/NAME.
+MoE trials upcycled from them; one line shows the progress (trials done / running / pending, tokens/s,
+ETA), --verbose adds a line per trial event. A 1-worker trial trains inside its Ray Tune trial; trials of
+several workers run as Ray Train runs, and so do 1-worker trials with `resources: {ray_train: true}`.
+Results: ROOT/{trials,metrics,experts,routing}/sweep=NAME/*.parquet, read with moelab.results.open(ROOT);
+Ray's state (checkpoints, Tune) under ROOT/_ray/NAME.
 Catalogue: moelab/ablations/catalogue/*.yaml. Exit status: 0 every trial finished or diverged, 1 some
 trial failed, 2 bad sweep file or arguments, 130 interrupted (finish with --resume)."""
 
@@ -216,6 +220,50 @@ def parse_sets(items: list[str]) -> dict[str, Any]:
                             f"e.g. train.steps=50")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+class LiveLine:
+    """The sweep's one progress line (`SweepProgress`) and its log lines, on `stream`. On a terminal the
+    progress line is redrawn in place under the log lines; elsewhere (a log file, CI, a pipe) a redraw would
+    be one line per second, so it is printed when the trial counts change, or every `every_s` seconds."""
+
+    def __init__(self, stream: Any, every_s: float = 30.0):
+        self.stream, self.every_s = stream, every_s
+        self.tty = bool(getattr(stream, "isatty", lambda: False)())
+        self.shown = ""  # the progress line on screen (terminal only)
+        self.counts: tuple[int, ...] | None = None
+        self.printed_at = float("-inf")
+
+    def progress(self, p: Any) -> None:
+        import shutil
+        import time
+
+        text = p.line()
+        if self.tty:
+            text = text[:max(shutil.get_terminal_size().columns - 1, 20)]  # a wrapped line cannot be redrawn
+            self.stream.write("\r\x1b[K" + text)
+            self.stream.flush()
+            self.shown = text
+            return
+        counts, now = (p.finished, p.diverged, p.failed, p.running), time.monotonic()
+        if counts != self.counts or now - self.printed_at >= self.every_s:
+            self.counts, self.printed_at = counts, now
+            print(text, file=self.stream, flush=True)
+
+    def log(self, msg: str) -> None:
+        if self.shown:
+            self.stream.write("\r\x1b[K")
+        print(f"[moelab sweep] {msg}", file=self.stream, flush=True)
+        if self.shown:
+            self.stream.write(self.shown)
+            self.stream.flush()
+
+    def close(self) -> None:
+        """Leave the last progress line on screen and move below it."""
+        if self.shown:
+            self.stream.write("\n")
+            self.stream.flush()
+            self.shown = ""
 
 
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
@@ -240,16 +288,20 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from moelab.platform.controller import SweepError, format_report, run_sweep
     from moelab.platform.sink import WandbUnavailable
 
+    live = LiveLine(sys.stderr)
     try:
         report = run_sweep(spec, storage=root, resume=args.resume, max_concurrent=args.max_concurrent,
-                           wandb=args.wandb)
+                           wandb=args.wandb, log=live.log, verbose=args.verbose, progress=live.progress)
     except (SpecError, SweepError, WandbUnavailable) as e:
+        live.close()
         print(f"moelab sweep: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
+        live.close()
         print(f"moelab sweep: interrupted; finish with: moelab sweep {args.sweep} --storage {root} --resume",
               file=sys.stderr)
         return 130
+    live.close()
     print(format_report(report))
     return 0 if report.ok else 1
 
@@ -274,9 +326,201 @@ def cmd_dashboard(args: argparse.Namespace, extra: list[str]) -> int:
         print(f"moelab dashboard: {e}; install the dashboard extra: pip install 'moelab[dashboard]'", file=sys.stderr)
         return 2
     try:
-        serve(args.root, host=args.host, port=args.port, refresh_s=args.refresh)
+        serve(args.root, host=args.host, port=args.port, refresh_s=args.refresh, allowed_hosts=args.allow_host or ())
     except KeyboardInterrupt:
         pass
+    return 0
+
+
+STORE_EXAMPLES = """\
+examples:
+  moelab store check results/                  # list damaged files and orphans; exit 1 if there are any
+  moelab store check results/ --repair         # move them to results/_quarantine/<time>/, where no reader looks
+  moelab store check s3://bucket/results --grace 600
+
+Damaged: a .parquet file that does not read whole, lacks its table's key columns, or a trial file without
+exactly one row. Orphans: temp files of writes interrupted more than --grace seconds ago, and metric /
+expert / routing batches of a trial that has no trial row. Readers already skip damaged files (with a
+warning naming them); --repair moves them aside (nothing is deleted; move a file back by hand to undo).
+Exit status: 0 nothing found (or all moved), 1 something found and not moved, 2 no store there."""
+
+
+def cmd_store(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.platform.store import check_store, redact_uri
+
+    try:
+        report = check_store(args.root, repair=args.repair, grace_s=args.grace)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"moelab store check: {e}", file=sys.stderr)
+        return 2
+    print(report.text())
+    if report.ok:
+        return 0
+    if args.repair:
+        print(f"moved {len(report.moved)} file(s) to {redact_uri(args.root).rstrip('/')}/_quarantine/")
+        return 0
+    print("run again with --repair to move them aside")
+    return 1
+
+
+ADVISE_EXAMPLES = """\
+examples:
+  moelab advise --budget 1e22 --params paper                     # Tian et al. 2025's Table 2 constants
+  moelab advise --budget 1e22 --params paper --active-params 8.5e8 --max-total-params 1.75e10
+  moelab advise --budget 3e19 --fits results --sweep efficiency-leverage   # a law fitted to your sweep
+  moelab advise --budget 1e20 --fits results --gpus 64 --json
+
+The law is Tian et al. 2025 Eq. 13 (arXiv 2507.17702): EL(A, G, C), the dense compute an MoE saves at equal
+loss, from the activation ratio A = (top_k + shared) / (routed + shared) experts, the granularity
+G = 2 d_model / d_expert (moelab's model.moe.granularity is d_ff / d_expert: both are printed) and the budget
+C in training FLOPs. Printed: the G that maximises EL (the same at every A and C); EL against A, halving A
+down to the smallest A that --max-total-params allows (or until EL is within 1% of its limit as A -> 0);
+for each A the MoE shape that realises it at the active size (--active-params, else 20 tokens per active
+parameter) and its per-GPU memory as `moelab plan` computes it (moe-1b's batch, sequence and micro-batch on
+--gpus GPUs). Intervals come from a fitted law's bootstrap (--fits); Table 2's constants have none.
+--fits ROOT reads the `efficiency_leverage` row of ROOT's fits table. Exit status: 0 advice printed,
+2 bad arguments or no law to read."""
+
+
+def _advise_number(flag: str, value: str | None, allowed: str, *, integer: bool = False) -> float | int | None:
+    """A flag's value as a positive number; ValueError naming the flag and what is allowed."""
+    if value is None:
+        return None
+    try:
+        x = float(value)
+    except ValueError:
+        x = float("nan")
+    if not (x > 0 and x != float("inf")) or (integer and not x.is_integer()):
+        raise ValueError(f"{flag}: got {value!r}; allowed: {allowed}")
+    return int(x) if integer else x
+
+
+def _advise_law(args: argparse.Namespace) -> tuple[dict, Any, dict, str, float]:
+    """(constants, bootstrap draws or None, fit range, a line naming the source, confidence) for --fits ROOT
+    [--sweep S]; ValueError saying what is missing and how to get it."""
+    import math
+
+    from moelab.ablations.el_law import law_from_row
+    from moelab.platform.fitstable import read_fits
+
+    how = ("fit Eq. 13 to the measured leverages with moelab.ablations.el_law.fit_efficiency_leverage and write "
+           "el_law_rows(fit) with moelab.platform.fitstable.write_fits_table; or use --params paper for "
+           "Tian et al.'s Table 2 constants")
+    if "://" not in args.fits and not os.path.isdir(args.fits):
+        raise ValueError(f"--fits: {args.fits!r} is not a directory (a results store root); {how}")
+    fits = read_fits(args.fits, args.sweep)
+    where = f"{args.fits}" + (f" (sweep {args.sweep})" if args.sweep else "")
+    rows = fits[fits["law"] == "efficiency_leverage"] if len(fits) else fits
+    if not len(rows):
+        laws = sorted(set(fits["law"].dropna())) if len(fits) else []
+        held = f"its fits table holds {', '.join(laws)}" if laws else "it has no fits table"
+        raise ValueError(f"--fits: no `efficiency_leverage` law in {where}: {held}. To get one: {how}")
+    ok = rows[rows["status"] == "ok"]
+    if not len(ok):
+        msgs = "; ".join(sorted(set(str(m) for m in rows["message"].dropna()))) or "no reason recorded"
+        raise ValueError(f"--fits: the `efficiency_leverage` law in {where} was skipped ({msgs}). To get one: {how}")
+    if ok["sweep"].nunique() > 1:
+        raise ValueError(f"--sweep: {where} holds an `efficiency_leverage` law for several sweeps; allowed: "
+                         f"--sweep {' | '.join(sorted(ok['sweep'].unique()))}")
+    row = ok.iloc[-1]
+    params, draws, fit_range = law_from_row(row["parameters"])
+    conf = 0.95 if row["confidence"] is None or math.isnan(row["confidence"]) else float(row["confidence"])
+    n_points = "?" if row["n_points"] is None or math.isnan(row["n_points"]) else int(row["n_points"])
+    source = (f"fitted in {args.fits}, sweep {row['sweep']} ({n_points} points; "
+              + (f"{conf:.0%} intervals from {len(draws)} bootstrap resamples of whole groups)" if draws is not None
+                 else "no bootstrap draws stored: no intervals)"))
+    return params, draws, fit_range, source, conf
+
+
+def _advise_text(r: dict, source: str) -> str:
+    """The human-readable report of `el_law.advise`."""
+    def h(n: float) -> str:
+        for unit, sc in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+            if abs(n) >= sc:
+                return f"{n / sc:.2f}{unit}"
+        return f"{n:.0f}"
+
+    def iv(x: list | None) -> str:
+        return f"[{x[0]:.3g}, {x[1]:.3g}]" if x else ""
+
+    def pct(x: float) -> str:
+        return f"{100 * x:.3g}%"
+
+    p, sh, conf = r["params"], r["shape"], f"{r['confidence']:.0%}"
+    consts = ", ".join(f"{k}={v:.4g}" for k, v in p.items())
+    lines = [f"efficiency leverage at a budget of {r['budget']:.3g} training FLOPs "
+             f"(Tian et al. 2025 Eq. 13; log10 C, log2 G)",
+             f"law: {source}", f"  {consts}"]
+    lines += [f"note: {n}" for n in r["notes"]]
+    g_iv = f"  {conf} interval {iv(r.get('G_opt_interval'))}" if r.get("G_opt_interval") else ""
+    if r.get("G_opt_no_optimum"):
+        g_iv += f" ({r['G_opt_no_optimum']} resamples have gamma <= 0: no optimum; left out)"
+    lines += ["", f"optimal granularity G = 2 d_model / d_expert: {r['G_opt']:.4g} (2^{r['log2_G_opt']:.2f}){g_iv}",
+              "  the vertex of the parabola in log2 G: the same at every A and C",
+              "", f"shapes at {h(r['active_params'])} active non-embedding parameters "
+                  f"({r['active_params_source']}); {h(sh['tokens'])} tokens at this budget",
+              f"  {sh['n_layers']} layers, d_model {sh['d_model']}, {sh['n_heads']} heads; d_expert {sh['d_expert']} "
+              f"(G = {sh['G_paper']:.4g}; moelab's G = d_ff / d_expert = {sh['G_moelab']:.4g} with d_ff {sh['d_ff']}); "
+              f"top_k {sh['top_k']} routed + {sh['n_shared']} shared = {sh['active_experts']} experts per token"]
+    plan = r["rows"][0]["plan"]
+    lines += ["", f"EL against the activation ratio A at G = {r['G_opt']:.4g}; memory per GPU from `moelab plan` on "
+                  f"{plan['gpus']} GPUs (seq {plan['seq']}, micro-batch {plan['micro_batch']}, batch {plan['batch']})",
+              f"  {'A':>8} {'EL':>7} {conf + ' interval':>18}   {'n_experts':>9} {'top_k':>5} {'n_shared':>8} "
+              f"{'d_expert':>8} {'A (shape)':>9} {'EL (shape)':>10} {'total':>8} {'GiB/GPU':>8} {'ep':>3}"]
+    marks = []
+    for row in r["rows"]:
+        mark = ""
+        if row["extrapolated"]:
+            why = "; ".join(row["extrapolated"])
+            if why not in marks:
+                marks.append(why)
+            mark = f" *{marks.index(why) + 1}"
+        lines.append(f"  {pct(row['A_target']):>8} {row['EL']:>7.3f} {iv(row.get('EL_interval')) or '-':>18}   "
+                     f"{row['n_experts']:>9} {row['top_k']:>5} {row['n_shared']:>8} {row['d_expert']:>8} "
+                     f"{pct(row['A']):>9} {row['EL_shape']:>10.3f} {h(row['params_total']):>8} "
+                     f"{row['plan']['mem_total_gib']:>8.1f} {row['plan']['ep']:>3}{mark}")
+    sat = r["saturation"]
+    lines.append(f"  limit as A -> 0 (A_hat -> A_start = {sat['A_start']:.3g}): EL {sat['EL']:.3f}"
+                 + (f" {conf} interval {iv(sat.get('interval'))}" if sat.get("interval") else ""))
+    lines.append(f"  stopped at {r['stop']}" + (f" (A_min = {pct(r['A_min'])})" if "A_min" in r else ""))
+    if not r["intervals"]:
+        lines.append("  no intervals: the law has no bootstrap draws (Table 2's constants come without any)")
+    for i, why in enumerate(marks, 1):
+        lines.append(f"  *{i} extrapolation: {why}")
+    return "\n".join(lines)
+
+
+def cmd_advise(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.ablations import el_law
+
+    try:
+        budget = _advise_number("--budget", args.budget, "a positive number of training FLOPs, e.g. 1e22")
+        active = _advise_number("--active-params", args.active_params,
+                                "a positive number of active non-embedding parameters, e.g. 1e9")
+        max_total = _advise_number("--max-total-params", args.max_total_params,
+                                   "a positive number of total parameters, e.g. 2e10")
+        gpus = _advise_number("--gpus", args.gpus, "a positive integer", integer=True)
+        if gpus not in el_law.allowed_gpus():
+            raise ValueError(f"--gpus: got {args.gpus}; allowed: {el_law.allowed_gpus()} (moe-1b's batch of "
+                             f"512 sequences at 4 per GPU must split evenly)")
+        if args.sweep and not args.fits:
+            raise ValueError(f"--sweep: got {args.sweep!r}; allowed: only with --fits ROOT")
+        if args.params == "paper":
+            params, draws, fit_range, conf = dict(el_law.PAPER_EL_PARAMS), None, None, 0.95
+            source = "Tian et al. 2025 Table 2 constants (--params paper)"
+        else:
+            params, draws, fit_range, source, conf = _advise_law(args)
+        r = el_law.advise(budget, params, draws=draws, fit_range=fit_range, paper=args.params == "paper",
+                          active_params=active, max_total_params=max_total, gpus=gpus, confidence=conf)
+    except ValueError as e:
+        msg = str(e)
+        for arg, flag in (("max_total_params:", "--max-total-params:"), ("active_params:", "--active-params:"),
+                          ("gamma:", "--fits: the law's gamma:")):
+            if msg.startswith(arg):
+                msg = flag + msg[len(arg):]
+        print(f"moelab advise: {msg}", file=sys.stderr)
+        return 2
+    print(json.dumps(r, indent=2, default=float) if args.json else _advise_text(r, source))
     return 0
 
 
@@ -320,8 +564,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
-    sw = sub.add_parser("sweep", help="run a sweep (grid of Ray Train runs) into the results store",
-                        description="Run a sweep file or a catalogue sweep with Ray Tune + Ray Train; "
+    sw = sub.add_parser("sweep", help="run a sweep (a grid of training runs on Ray) into the results store",
+                        description="Run a sweep file or a catalogue sweep with Ray Tune (+ Ray Train); "
                                     "every trial's metrics go to Parquet tables under --storage.",
                         epilog=SWEEP_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
     sw.add_argument("sweep", metavar="FILE_OR_CATALOGUE_NAME",
@@ -341,6 +585,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--wandb", action="store_true",
                     help="also log every trial to Weights & Biases (offline unless W&B is configured; "
                          "needs pip install 'moelab[wandb]')")
+    sw.add_argument("--verbose", "-v", action="store_true",
+                    help="also print a line per trial event (running, resumed, finished, failed, diverged)")
     sw.set_defaults(func=cmd_sweep)
     fi = sub.add_parser("fit", help="fit scaling laws and leverage over a results store; write the fits "
                                      "table and an HTML report",
@@ -353,18 +599,51 @@ def build_parser() -> argparse.ArgumentParser:
     fi.set_defaults(func=cmd_fit)
     da = sub.add_parser("dashboard", help="serve the web dashboard over a results store (read-only)",
                         epilog="examples:\n  moelab dashboard results/\n"
-                               "  moelab dashboard s3://bucket/results --host 0.0.0.0 --port 8080",
+                               "  moelab dashboard s3://bucket/results --host 0.0.0.0 --port 8080 "
+                               "--allow-host myhost.lan",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     da.add_argument("root", help="the results store (a directory or s3://... URI)")
     da.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     da.add_argument("--port", type=int, default=8050)
     da.add_argument("--refresh", type=float, default=10.0, help="auto-refresh period in seconds (0 = off)")
+    da.add_argument("--allow-host", action="append", metavar="NAME",
+                    help="also serve requests whose Host header is NAME (repeatable; '*' = any). Default: "
+                         "127.0.0.1, localhost, ::1 and --host; other names get 403 (DNS rebinding)")
     da.set_defaults(func=cmd_dashboard)
+    so = sub.add_parser("store", help="check a results store for damaged files and orphans (and repair it)",
+                        epilog=STORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    so_sub = so.add_subparsers(dest="store_command", required=True)
+    ck = so_sub.add_parser("check", help="read every file of the store; list damaged files and orphans",
+                           epilog=STORE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ck.add_argument("root", help="the results store (a directory or s3://... URI)")
+    ck.add_argument("--repair", action="store_true",
+                    help="move damaged files and orphans to ROOT/_quarantine/<time>/ (readers ignore it)")
+    ck.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
+                    help="a temp file younger than this may be a write in progress: not an orphan (default 3600)")
+    ck.set_defaults(func=cmd_store)
     pr = sub.add_parser("presets", help="list presets with parameter and FLOP counts",
                         epilog="example:\n  moelab presets\n  moelab presets --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     pr.add_argument("--json", action="store_true", help="machine-readable output")
     pr.set_defaults(func=cmd_presets)
+    ad = sub.add_parser("advise", help="the MoE design the efficiency-leverage law favours at a compute budget "
+                                       "(granularity, activation ratio, shapes, memory)",
+                        description="Advice from Tian et al. 2025 Eq. 13: the granularity that maximises "
+                                    "efficiency leverage, EL against the activation ratio, shapes and memory.",
+                        epilog=ADVISE_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ad.add_argument("--budget", required=True, metavar="FLOPS", help="training compute in FLOPs, e.g. 1e22")
+    src = ad.add_mutually_exclusive_group(required=True)
+    src.add_argument("--fits", metavar="ROOT", help="a results store whose fits table holds an "
+                                                    "`efficiency_leverage` law")
+    src.add_argument("--params", choices=["paper"], help="paper: Tian et al. 2025's Table 2 constants")
+    ad.add_argument("--sweep", help="with --fits: the sweep whose law to use (needed when several have one)")
+    ad.add_argument("--max-total-params", metavar="N", help="the largest total parameter count allowed: sets "
+                                                             "the smallest activation ratio listed")
+    ad.add_argument("--active-params", metavar="N", help="active non-embedding parameters of the shapes "
+                                                          "(default: 20 tokens per parameter at the budget)")
+    ad.add_argument("--gpus", default="8", metavar="N", help="GPUs for the memory figures (default 8)")
+    ad.add_argument("--json", action="store_true", help="machine-readable output")
+    ad.set_defaults(func=cmd_advise)
     return p
 
 

@@ -1,33 +1,46 @@
-"""The sweep controller: one sweep file in, a grid of Ray Train runs out, every result in the store.
+"""The sweep controller: one sweep file in, a grid of training runs on Ray, every result in the store.
 
     from moelab.platform.controller import run_sweep
     report = run_sweep("noise", storage="results/")            # a catalogue name or a sweep file
     report = run_sweep("noise", storage="results/", resume=True)  # after a crashed controller
 
 How it runs (Ray 2.60, Train V2; see refs.md "Measured on the CPU machines"):
-  * The sweep file is validated and expanded (`spec.expand`) before Ray starts.
-  * Ray Tune runs one trial per sweep trial. A trial is a light driver function (`_trial_driver`, pinned
-    to the head node with a sliver of its `node:__internal_head__` resource, so it takes no CPU) that builds
-    a `TorchTrainer` (`moelab.platform.worker.fit`) with `TuneReportCallback` and calls `fit()`. Trial
-    names are the sweep's trial ids (deterministic); the Ray Train run of a trial is named after it too.
+  * The sweep file is validated and expanded (`spec.expand`) before Ray starts. The trials' `pending` rows
+    are written in a thread while Ray and Tune start (`_PendingRows`).
+  * Ray Tune runs one trial per sweep trial, named by the sweep's trial id (deterministic). Two paths:
+    - 1-worker trials (the default; `resources.workers: 1`): the trial trains inside its Tune trial
+      (`worker.trial_in_tune`, a function trainable holding the worker's CPUs/GPUs).
+      Tune reuses the trial actors (`reuse_actors`), so from the second trial on a slot starts with torch
+      and the trainer imported: a trial costs its training plus a fraction of a second.
+    - Several workers, or `resources.ray_train: true`: a light driver function (`_trial_driver`, pinned to
+      the head node with a sliver of its `node:__internal_head__` resource, so it takes no CPU) builds a
+      `TorchTrainer` (`moelab.platform.worker.fit`) with `TuneReportCallback` and calls `fit()`; the Train
+      run is named after the trial. Each trial starts a worker group (and Ray Train's helper actors).
+    Both paths run the same loop (`moelab.platform.worker`), report the same rows and keep checkpoints in
+    the same place (`ROOT/_ray/SWEEP/train/TRIAL/checkpoint-NNNNNNNN`).
   * At most `max_concurrent` trials run at once: by default as many as the cluster's CPUs and GPUs hold
     (`resources.workers` x `cpus_per_worker` / `gpus_per_worker` per trial).
   * Order: a dependency-aware Tune searcher hands out trials in the spec's order (dense baselines first)
     and holds back a trial with `depends_on` until its source trial has finished; it then starts with
     `upcycle.source` = the source's final checkpoint. If the source failed or diverged, the dependent is
     not run and ends `failed`, naming the source.
-  * Failures, two levels: a dead worker makes Ray Train restart the worker group from the last checkpoint
-    (`worker_retries`, Ray Train's FailureConfig); a trial whose Train run fails for good is retried by
-    Tune (`trial_retries`, Tune's FailureConfig), and since the Train run keeps its name the retry resumes
-    from the same checkpoints. A NaN / inf loss ends the run at once as `diverged` (the worker reports it
-    and returns; nothing retries it) and the sweep goes on.
+  * Failures. Ray Train path, two levels: a dead worker makes Ray Train restart the worker group from the
+    last checkpoint (`worker_retries`, Ray Train's FailureConfig); a trial whose Train run fails for good is
+    retried by Tune (`trial_retries`, Tune's FailureConfig), and since the Train run keeps its name the
+    retry resumes from the same checkpoints. Inside a Tune trial the worker is the trial, so Tune's
+    FailureConfig gets both budgets (`worker_retries + trial_retries`) and a rerun resumes from the
+    trial's newest checkpoint. On both paths a NaN / inf loss ends the run at once as `diverged` (the
+    worker reports it and returns; nothing retries it) and the sweep goes on.
   * Resume: `resume=True` reads the store's `trials` table and runs only what is not yet `finished` or
-    `diverged`; a trial that was running when the controller died restarts its Train run under the same
-    name, so Ray Train resumes it from its latest checkpoint; its new rows get a higher `attempt`.
+    `diverged`; a trial that was running when the controller died starts again under the same name and
+    resumes from its latest checkpoint (Ray Train by the run's name, a Tune-trial run from its checkpoint
+    directory); its new rows get a higher `attempt`.
   * Results: `moelab.platform.sink.StoreSink` writes `trials`, `metrics` and `experts` as trials report.
+  * Progress: `progress` gets a `SweepProgress` (done / running / pending, tokens/s, ETA) at every trial
+    start and end and about once a second; per-trial lines go to `log` with `verbose=True`.
 
 Storage is one root. Local: the tables and Ray's state (`ROOT/_ray/SWEEP/`: Tune's experiment, each
-trial's Train run with its checkpoints, the workers' run directories) side by side. Object store
+trial's checkpoints (and Train run), the workers' run directories) side by side. Object store
 (`s3://bucket/prefix?...`): the tables and Ray's state (Tune experiment, Train checkpoints) under the same
 prefix through the same pyarrow filesystem, so any node can read them; only the workers' scratch run
 directories (metrics.jsonl, checkpoints being written) stay on the local disk of their node, under
@@ -47,6 +60,7 @@ import math
 import os
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -55,12 +69,14 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
+from moelab.platform.progress import SweepProgress, make_progress
 from moelab.platform.spec import SpecError, SweepSpec, Trial, expand, load_spec
 from moelab.platform.store import Store, list_files, resolve_root
+from moelab.platform.worker import RunPlace, trial_in_tune
 from moelab.trainers.config import RunConfig, from_dict, to_dict
 
-__all__ = ["run_sweep", "SweepError", "SweepReport", "max_concurrent_trials", "trial_env", "RAY_DIR",
-           "FAULT_TRIAL_ENV", "FAULT_NAN_TRIAL_ENV", "DONE"]
+__all__ = ["run_sweep", "SweepError", "SweepReport", "SweepProgress", "max_concurrent_trials", "trial_env",
+           "RAY_DIR", "FAULT_TRIAL_ENV", "FAULT_NAN_TRIAL_ENV", "DONE"]
 
 RAY_DIR = "_ray"  # ROOT/_ray/SWEEP: Ray's state (readers of the tables never look here)
 HEAD_RESOURCE = "node:__internal_head__"  # every Ray head node has 1.0 of it
@@ -86,6 +102,7 @@ class SweepReport:
     max_concurrent: int
     wall_s: float
     rows: list[dict[str, Any]] = field(default_factory=list)  # the trials rows, in run order
+    path: str = "tune"  # how its trials ran: "tune" (inside their Tune trials) or "train" (Ray Train runs)
 
     @property
     def ok(self) -> bool:
@@ -105,12 +122,9 @@ class SweepReport:
 
 @dataclass
 class _Context:
-    """What every trial driver shares (sent once through the object store by tune.with_parameters)."""
+    """What every Ray Train trial driver shares (sent once through the object store by tune.with_parameters)."""
 
-    sweep: str
-    filesystem: pafs.FileSystem | None  # None: local paths
-    train_path: str  # Ray Train storage_path: ROOT/_ray/SWEEP/train
-    scratch: str | None  # None: workers write under the Train run directory (local root)
+    place: RunPlace  # where the trial's files go
     workers: int
     cpus_per_worker: float
     gpus_per_worker: float
@@ -126,12 +140,10 @@ def _trial_driver(config: dict[str, Any], ctx: _Context) -> None:
 
     os.environ.update(ctx.ray_env)  # TorchTrainer passes RAY_TRAIN_* on to its controller actor
     rc = from_dict(RunConfig, config["run"]).validate()
-    tid = config["trial_id"]
-    run_dir = (os.path.join(ctx.scratch, ctx.sweep, tid) if ctx.scratch
-               else os.path.join(ctx.train_path, tid, "run"))
-    fit(rc, storage_path=ctx.train_path, storage_filesystem=ctx.filesystem, name=tid, num_workers=ctx.workers,
-        use_gpu=ctx.gpus_per_worker > 0, cpus_per_worker=ctx.cpus_per_worker,
-        gpus_per_worker=ctx.gpus_per_worker, max_failures=ctx.worker_retries, out_dir=run_dir,
+    tid, place = config["trial_id"], ctx.place
+    fit(rc, storage_path=place.train_path, storage_filesystem=place.filesystem, name=tid,
+        num_workers=ctx.workers, use_gpu=ctx.gpus_per_worker > 0, cpus_per_worker=ctx.cpus_per_worker,
+        gpus_per_worker=ctx.gpus_per_worker, max_failures=ctx.worker_retries, out_dir=place.run_dir(tid),
         callbacks=[TuneReportCallback()], env=config["env"], upcycle_checkpoint=config.get("upcycle_checkpoint"))
 
 
@@ -259,6 +271,38 @@ def _init_ray(log: Callable[[str], None]) -> bool:
     return True
 
 
+class _PendingRows:
+    """Writes the `pending` trials rows in run order in a thread, so that Ray starts and the first trials run
+    while the rest are being written (hundreds of rows on an object store take a while)."""
+
+    def __init__(self, store: Store, rows: list[dict[str, Any]]):
+        self.written = {r["trial_id"]: threading.Event() for r in rows}
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._write, args=(store, rows), name="moelab-pending-rows",
+                                       daemon=True)
+        self.thread.start()
+
+    def _write(self, store: Store, rows: list[dict[str, Any]]) -> None:
+        try:
+            for r in rows:
+                store.write_trial(r)
+                self.written[r["trial_id"]].set()
+        except BaseException as e:  # noqa: BLE001 - raised again in the controller's thread by wait()
+            self.error = e
+        finally:
+            for ev in self.written.values():
+                ev.set()
+
+    def wait(self, trial_id: str | None = None) -> None:
+        """Until `trial_id`'s row (None: every row) is written; raises what the writer raised."""
+        if trial_id is None:
+            self.thread.join()
+        elif trial_id in self.written:
+            self.written[trial_id].wait()
+        if self.error is not None:
+            raise SweepError(f"could not write the trials table: {self.error}") from self.error
+
+
 def format_report(report: SweepReport) -> str:
     """The table `moelab sweep` prints at the end: one line per trial, then counts."""
     head = ["trial_id", "status", "attempt", "final_loss", "eval_loss", "error"]
@@ -279,13 +323,17 @@ def format_report(report: SweepReport) -> str:
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None, resume: bool = False,
               max_concurrent: int | None = None, wandb: bool = False, worker_retries: int = 1,
-              trial_retries: int = 1, log: Callable[[str], None] | None = None) -> SweepReport:
+              trial_retries: int = 1, log: Callable[[str], None] | None = None, verbose: bool = True,
+              progress: Callable[[SweepProgress], None] | None = None) -> SweepReport:
     """Run (or, with resume=True, finish) a sweep; returns its report. Raises SpecError for a bad sweep
     (before Ray starts), SweepError when it cannot start, WandbUnavailable for wandb=True without wandb.
 
     storage: the root (default the spec's `storage`); max_concurrent: trials at once (default: what the
     cluster holds); worker_retries: restarts of a trial's worker group (Ray Train); trial_retries: reruns
-    of a trial whose Train run failed (Tune); log: progress lines (default: print to stderr).
+    of a trial whose run failed (Tune; a trial that trains inside its Tune trial has no worker group, so
+    it gets both counts as reruns); log: sweep lines, and with verbose=True one line per trial event
+    (default: print to stderr); progress: called with the sweep's state at every trial start and end and
+    about once a second in between.
     """
     t0 = time.time()
     if wandb:
@@ -320,20 +368,24 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None
         start_attempt[t.trial_id] = 0 if old is None else (
             int(old.get("attempt") or 0) + (0 if old.get("status") == "pending" else 1))
         status[t.trial_id] = "pending"
-        store.write_trial({**t.row(), "attempt": start_attempt[t.trial_id]})
     if skipped:
         names = ", ".join(skipped[:5]) + (", ..." if len(skipped) > 5 else "")
         say(f"resume: {len(skipped)} trials already done ({names}), {len(todo)} to run")
     report = SweepReport(sweep=spec.name, root=str(root), status={}, ran=[t.trial_id for t in todo],
-                         skipped=skipped, max_concurrent=0, wall_s=0.0)
+                         skipped=skipped, max_concurrent=0, wall_s=0.0,
+                         path="tune" if spec.resources.in_tune else "train")
+    pending = _PendingRows(store, [{**t.row(), "attempt": start_attempt[t.trial_id]} for t in todo])
     started_ray = False
     try:
         if todo:
             started_ray = _init_ray(say)
-            report.max_concurrent = _tune(spec, todo, by_id, store, status, checkpoints, start_attempt,
-                                          ray_fs, ray_path, scratch, max_concurrent, wandb, worker_retries,
-                                          trial_retries, say)
+            report.max_concurrent = _tune(
+                spec, todo, store, status, checkpoints, start_attempt, ray_fs, ray_path, scratch, max_concurrent,
+                wandb, worker_retries, trial_retries, say, say if verbose else (lambda msg: None), pending,
+                progress, total=len(trials))
+        pending.wait()
     finally:
+        pending.thread.join()
         store.flush()
         if started_ray:
             import ray
@@ -345,10 +397,11 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None
     return report
 
 
-def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: Store, status: dict[str, str],
-          checkpoints: dict[str, str], start_attempt: dict[str, int], ray_fs: pafs.FileSystem | None,
-          ray_path: str, scratch: str | None, max_concurrent: int | None, use_wandb: bool, worker_retries: int,
-          trial_retries: int, say: Callable[[str], None]) -> int:
+def _tune(spec: SweepSpec, todo: list[Trial], store: Store, status: dict[str, str], checkpoints: dict[str, str],
+          start_attempt: dict[str, int], ray_fs: pafs.FileSystem | None, ray_path: str, scratch: str | None,
+          max_concurrent: int | None, use_wandb: bool, worker_retries: int, trial_retries: int,
+          say: Callable[[str], None], trial_log: Callable[[str], None], pending: _PendingRows,
+          progress: Callable[[SweepProgress], None] | None, total: int) -> int:
     import ray
     from ray import tune
 
@@ -356,8 +409,9 @@ def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: St
 
     n = max_concurrent or max_concurrent_trials(spec, ray.cluster_resources(), len(todo))
     r = spec.resources
+    how = "each inside its Tune trial" if r.in_tune else "each a Ray Train run"
     say(f"sweep {spec.name}: {len(todo)} trials, up to {n} at a time ({r.workers} worker(s) x "
-        f"{r.cpus_per_worker:g} CPU{f', {r.gpus_per_worker:g} GPU' if r.gpus_per_worker else ''} each); "
+        f"{r.cpus_per_worker:g} CPU{f', {r.gpus_per_worker:g} GPU' if r.gpus_per_worker else ''}, {how}); "
         f"results in {store.uri}")
 
     def on_done(tid: str, row: dict[str, Any]) -> None:
@@ -366,26 +420,39 @@ def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: St
             checkpoints[tid] = row["checkpoint"]
 
     def on_blocked(tid: str, dep: str, dep_status: str) -> None:
+        pending.wait(tid)
         status[tid] = "failed"
         store.update_trial(spec.name, tid, status="failed",
                            error=f"not run: its upcycle source {dep} ended {dep_status}")
-        say(f"{tid}: not run (its source {dep} ended {dep_status})")
+        trial_log(f"{tid}: not run (its source {dep} ended {dep_status})")
 
     queue = [{"trial_id": t.trial_id, "depends_on": t.depends_on, "run": to_dict(t.config),
               "env": trial_env(t.trial_id)} for t in todo]
     sink = StoreSink(store, spec.name, {t.trial_id: t.steps for t in todo}, start_attempt=start_attempt,
-                     on_done=on_done, log=say)
+                     on_done=on_done, log=trial_log, ready=pending.wait)
     callbacks: list[Any] = [sink]
+    if progress is not None:  # after the sink: its on_done has updated `status` when the line is drawn
+        callbacks.append(make_progress(spec.name, {t.trial_id: t.tokens for t in todo}, status, total, progress))
     if use_wandb:
         callbacks.append(WandbSink(spec.name, {t.trial_id: t.row() for t in todo}))
-    # Ray Train's controller collects worker reports when it polls them (default every 2 s): poll faster, so a
-    # small trial is not paced by the polls (the worker batches its rows to at most one report a second).
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
-    ctx = _Context(sweep=spec.name, filesystem=ray_fs, train_path=f"{ray_path}/train", scratch=scratch,
-                   workers=r.workers, cpus_per_worker=r.cpus_per_worker, gpus_per_worker=r.gpus_per_worker,
-                   worker_retries=worker_retries,
-                   ray_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
-    trainable = tune.with_resources(tune.with_parameters(_trial_driver, ctx=ctx), {HEAD_RESOURCE: DRIVER_SHARE})
+    place = RunPlace(sweep=spec.name, train_path=f"{ray_path}/train", filesystem=ray_fs, scratch=scratch)
+    if r.in_tune:
+        # The trial trains in its own actor: it holds the worker's CPUs/GPUs, and (reuse_actors) the next
+        # trial runs in the same warm process, torch and the trainer already imported. The function lives in
+        # the light worker module: a new actor imports only that (and the trainer) before it trains. A worker
+        # restart and a trial rerun are the same thing here: both retry budgets go to Tune.
+        resources = {"CPU": r.cpus_per_worker, **({"GPU": r.gpus_per_worker} if r.gpus_per_worker else {})}
+        trainable = tune.with_resources(tune.with_parameters(trial_in_tune, place=place), resources)
+        max_failures = trial_retries + worker_retries
+    else:
+        # Ray Train's controller collects worker reports when it polls them (default every 2 s): poll faster,
+        # so a small trial is not paced by the polls (the worker batches its rows to one report a second).
+        os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+        ctx = _Context(place=place, workers=r.workers, cpus_per_worker=r.cpus_per_worker,
+                       gpus_per_worker=r.gpus_per_worker, worker_retries=worker_retries,
+                       ray_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
+        trainable = tune.with_resources(tune.with_parameters(_trial_driver, ctx=ctx), {HEAD_RESOURCE: DRIVER_SHARE})
+        max_failures = trial_retries
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=_make_searcher(queue, status, checkpoints, on_blocked),
@@ -393,7 +460,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], by_id: dict[str, Trial], store: St
                                     trial_name_creator=_trial_name, trial_dirname_creator=_trial_name),
         run_config=tune.RunConfig(name="tune", storage_path=ray_path, storage_filesystem=ray_fs,
                                   callbacks=callbacks, verbose=0,
-                                  failure_config=tune.FailureConfig(max_failures=trial_retries)),
+                                  failure_config=tune.FailureConfig(max_failures=max_failures)),
     )
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # with verbose=0: no Tune tables on the console
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no CSV/JSON/TensorBoard copies: the store has it

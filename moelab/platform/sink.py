@@ -33,11 +33,11 @@ from typing import Any
 from ray.tune import Callback
 
 from moelab.platform.store import METRIC_COLUMNS, Store
-from moelab.platform.worker import BACKFILL_KEY, DIVERGED_KEY, EARLIER_KEY
+from moelab.platform.worker import BACKFILL_KEY, CHECKPOINT_PATH_KEY, DIVERGED_KEY, EARLIER_KEY
 
 __all__ = ["StoreSink", "WandbSink", "WandbUnavailable", "require_wandb", "wandb_mode", "CHECKPOINT_KEY", "trial_id_of", "error_text"]
 
-CHECKPOINT_KEY = "checkpoint_path"  # added by ray.tune.integration.ray_train.TuneReportCallback
+CHECKPOINT_KEY = CHECKPOINT_PATH_KEY  # a persisted checkpoint: added by Tune's Ray Train callback, or the trial itself
 _ROW_KEYS = (*METRIC_COLUMNS, "expert_load", "expert_domain")
 ERROR_CHARS = 4000  # the tail of a traceback kept in trials.error
 
@@ -83,17 +83,20 @@ class StoreSink(Callback):
     store: the Store of the sweep's root; sweep: its name; steps: trial_id -> planned steps (a trial is
     `finished` when its last logged step reaches them); start_attempt: trial_id -> first attempt number;
     on_done(trial_id, row): called with the final trial row (the controller's progress line and the
-    dependency bookkeeping hang here); compact: merge an ended trial's batch files into one.
+    dependency bookkeeping hang here); compact: merge an ended trial's batch files into one; ready(trial_id):
+    returns once the trial's `pending` row is on storage (the controller writes those while trials start).
     """
 
     def __init__(self, store: Store, sweep: str, steps: Mapping[str, int], *,
                  start_attempt: Mapping[str, int] | None = None,
                  on_done: Callable[[str, dict[str, Any]], None] | None = None,
-                 log: Callable[[str], None] | None = None, compact: bool = True):
+                 log: Callable[[str], None] | None = None, compact: bool = True,
+                 ready: Callable[[str], None] | None = None):
         self.store, self.sweep, self.steps = store, sweep, dict(steps)
         self.compact = compact
         self.start_attempt = dict(start_attempt or {})
         self.on_done, self.log = on_done, log or (lambda msg: None)
+        self.ready = ready or (lambda tid: None)
         self.state: dict[str, _TrialState] = {}
 
     # -- helpers --------------------------------------------------------------------------------------------------
@@ -136,6 +139,7 @@ class StoreSink(Callback):
     def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         tid = trial_id_of(trial)
         st = self._state(tid)
+        self.ready(tid)  # else the pending row, written late, would overwrite this one
         source = trial.config.get("upcycle_checkpoint") or ""
         self.store.update_trial(self.sweep, tid, status="running", attempt=st.attempt, error=None,
                                 **({"upcycle.source": source} if source else {}))

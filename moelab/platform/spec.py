@@ -20,8 +20,9 @@ A sweep file (every key optional except `name`; unknown keys are errors)::
         G1: {model.moe.granularity: 1, model.moe.n_experts: 4, model.moe.top_k: 1}
         G2: {model.moe.granularity: 2, model.moe.n_experts: 8, model.moe.top_k: 2}
     seeds: [0, 1]                      # each seed sets train.seed (and upcycle.seed); data.seed is not varied
-    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, ep: 1}
+    resources: {workers: 1, cpus_per_worker: 1, gpus_per_worker: 0, ep: 1, ray_train: false}
     storage: results                   # local directory or a pyarrow.fs URI (s3://bucket/prefix)
+    max_trials: 10000                  # refuse a file that expands to more trials (a typo'd axis can mean 10^6)
 
 Overrides are mappings of dotted config keys (`model.moe.top_k`); a nested mapping is flattened into dotted
 keys, so `train: {steps: 300}` is the same as `train.steps: 300`. Besides config keys, an axis (plain or
@@ -39,6 +40,7 @@ import dataclasses
 import hashlib
 import itertools
 import json
+import math
 import re
 import types
 import typing
@@ -60,6 +62,7 @@ CATALOGUE_DIR = Path(__file__).resolve().parent.parent / "ablations" / "catalogu
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # sweep / baseline / trial names: path- and URI-safe
 TRIAL_KEYS = ("preset", "upcycle_from")  # non-config keys an axis may set
 # Columns of the `trials` table that a linked axis name must not shadow.
+MAX_TRIALS = 10_000  # default `max_trials`: above it a sweep file is refused before anything is expanded
 RESERVED_COLUMNS = frozenset({
     "sweep", "trial_id", "family", "name", "preset", "seed", "depends_on", "upcycle_from", "status", "attempt",
     "axis_values", "overrides", "config", "params_total", "params_active", "params_non_embedding", "flops_per_token",
@@ -134,12 +137,19 @@ class Baseline(_Strict):
 
 
 class Resources(_Strict):
-    """Per trial: `workers` Ray Train workers (= data-parallel x expert-parallel ranks)."""
+    """Per trial: `workers` ranks (= data-parallel x expert-parallel). A trial of several workers is a Ray Train
+    run; a 1-worker trial trains inside its Tune trial (no worker group to start) unless `ray_train` is set."""
 
     workers: int = Field(1, ge=1)
     cpus_per_worker: float = Field(1.0, gt=0)
     gpus_per_worker: float = Field(0.0, ge=0)
     ep: int = Field(1, ge=1)  # expert-parallel degree: divides workers and every MoE trial's n_experts
+    ray_train: bool = False  # run 1-worker trials as Ray Train runs too (the multi-worker path, for testing it)
+
+    @property
+    def in_tune(self) -> bool:
+        """Trials train inside their Tune trial (the single-worker fast path) rather than as Ray Train runs."""
+        return self.workers == 1 and not self.ray_train
 
     @model_validator(mode="after")
     def _ep_divides_workers(self) -> "Resources":
@@ -163,6 +173,7 @@ class SweepSpec(_Strict):
     baselines: list[Baseline] = Field(default_factory=list)
     resources: Resources = Field(default_factory=Resources)
     storage: str = "results"
+    max_trials: int = Field(MAX_TRIALS, ge=1)
 
     @field_validator("common")
     @classmethod
@@ -224,6 +235,20 @@ class SweepSpec(_Strict):
         if not v.strip():
             raise ValueError("empty; allowed: a local directory or a URI such as s3://bucket/prefix")
         return v
+
+    @model_validator(mode="after")
+    def _grid_size(self) -> "SweepSpec":
+        # Counted from the lengths alone, so a 10^6-trial file is refused at once rather than after every
+        # trial's config has been built and checked.
+        n_base = sum(len(b.seeds or self.seeds) for b in self.baselines)
+        sizes = [len(v) for v in self.axes.values()]
+        n_grid = math.prod(sizes) * len(self.seeds) if self.base is not None else 0
+        if n_base + n_grid > self.max_trials:
+            axes = " x ".join(f"{k} ({n})" for k, n in zip(self.axes, sizes)) or "base"
+            raise ValueError(f"max_trials: the sweep expands to {n_base + n_grid:,} trials ({axes} x "
+                             f"{len(self.seeds)} seed(s), plus {n_base} baseline trial(s)); allowed: at most "
+                             f"max_trials={self.max_trials} (raise `max_trials` in the sweep file to run more)")
+        return self
 
 
 def _loc(loc: tuple) -> str:

@@ -560,9 +560,13 @@ class Store:
         """The stored row of one trial, or None."""
         directory = partition_dir(self.root, "trials", sweep)
         path = f"{directory}/{check_name('trial_id', trial_id)}.parquet"
-        if self.fs.get_file_info(path).type != pafs.FileType.File:
+        try:
+            # One open handle: reading by path opens the file more than once, and a writer's rename between
+            # two opens (a row replaced while a sweep runs) fails the read.
+            with self.fs.open_input_file(path) as fh:
+                rows = pq.read_table(fh).to_pylist()
+        except FileNotFoundError:
             return None
-        rows = pq.read_table(path, filesystem=self.fs).to_pylist()
         return {"sweep": sweep, **rows[0]} if rows else None
 
     def update_trial(self, sweep: str, trial_id: str, **fields: Any) -> dict[str, Any]:

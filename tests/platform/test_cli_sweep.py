@@ -3,6 +3,7 @@ tiny sweep submitted with `ray job submit` to a real local Ray head, with its re
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shlex
@@ -20,7 +21,7 @@ import pytest
 import yaml
 
 import moelab.platform.controller as controller
-from moelab.cli import main
+from moelab.cli import LiveLine, main
 from moelab.platform.store import Store
 
 TINY = {"data.source": "synthetic", "train.steps": 6, "train.batch_size": 4, "train.seq_len": 16,
@@ -223,6 +224,8 @@ def test_ray_job_submit_runs_a_sweep_on_a_local_head(tmp_path, s3_root):
         print(out[-6000:])
         assert job.returncode == 0, out[-4000:]
         assert "succeeded" in out and "2 trials (2 finished)" in out
+        assert "sweep job: 2/2 done, 0 running, 0 pending" in out  # the progress line, without --verbose
+        assert not any(f"{t}: running" in out for t in ("moe-top_k1", "moe-top_k2"))  # no per-trial lines
     finally:
         _stop_head(head, temp_dir)
 
@@ -240,6 +243,52 @@ def test_ray_job_submit_runs_a_sweep_on_a_local_head(tmp_path, s3_root):
         infos = fs.get_file_info(pafs.FileSelector(f"{path}/_ray/job/train/{tid}", allow_not_found=True))
         assert any(i.base_name == "checkpoint-00000006" for i in infos), tid
         assert trials.set_index("trial_id").loc[tid, "checkpoint"].endswith(f"_ray/job/train/{tid}/checkpoint-00000006")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Progress
+
+
+def _progress(done: int, running: int):
+    from moelab.platform.progress import SweepProgress
+
+    return SweepProgress(sweep="sw", total=4, finished=done, diverged=0, failed=0, running=running,
+                         pending=4 - done - running, tokens_per_s=1500.0, eta_s=75.0, elapsed_s=5.0)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _screen(text: str) -> list[str]:
+    """What a terminal shows after `text`: per line, what follows the last carriage return + erase-line."""
+    return [line.rsplit("\r\x1b[K", 1)[-1] for line in text.split("\n")]
+
+
+def test_live_line_is_redrawn_in_place_on_a_terminal_under_the_log_lines():
+    term = _Terminal()
+    live = LiveLine(term)
+    live.progress(_progress(0, 1))
+    live.log("t1: running")  # a --verbose line goes above the progress line, which is drawn again below it
+    live.progress(_progress(0, 2))
+    live.progress(_progress(1, 1))
+    live.close()
+    assert _screen(term.getvalue()) == [
+        "[moelab sweep] t1: running",
+        "sweep sw: 1/4 done, 1 running, 2 pending | 1.5k tok/s | ETA 1m15s | 5s elapsed",
+        ""]
+
+
+def test_live_line_prints_only_changes_when_not_a_terminal():
+    out = io.StringIO()
+    live = LiveLine(out, every_s=3600)
+    for p in (_progress(0, 1), _progress(0, 1), _progress(0, 2), _progress(0, 2), _progress(1, 1)):
+        live.progress(p)
+    live.close()
+    lines = out.getvalue().splitlines()
+    assert "\r" not in out.getvalue() and len(lines) == 3  # counts changed twice after the first line
+    assert lines[-1].startswith("sweep sw: 1/4 done, 1 running")
 
 
 def _ray_daemons() -> int:
@@ -268,9 +317,9 @@ def test_ctrl_c_stops_the_sweep_and_its_ray(tmp_path):
                             preexec_fn=_terminal_sigint)
     lines: list[str] = []
     try:
-        for line in proc.stdout:  # wait until the trial runs
+        for line in proc.stdout:  # wait until the trial runs (not a terminal: the progress line prints on changes)
             lines.append(line)
-            if ": running" in line:
+            if ", 1 running," in line:
                 break
         assert _ray_daemons() == before + 1, "".join(lines)
         time.sleep(2)

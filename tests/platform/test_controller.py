@@ -1,10 +1,14 @@
-"""The sweep controller on the session's local Ray (2 CPUs): a 2-axis x 2-seed grid with a dense baseline,
-one worker killed mid-trial and one NaN-injected trial (one sweep, read by several tests); a controller
-killed mid-sweep and resumed; the pieces that need no Ray (concurrency, fault selectors, W&B sink).
+"""The sweep controller on the session's local Ray (2 CPUs), on both trial paths: a 1-worker trial trains
+inside its Tune trial ("tune", the default) or, with `resources.ray_train`, as a Ray Train run ("train").
+For each path: a 2-axis x 2-seed grid with a dense baseline, one worker killed mid-trial and one
+NaN-injected trial (one sweep, read by several tests); a controller killed mid-sweep and resumed. Then the
+two grids side by side (a trial logs the same rows on both paths), and the pieces that need no Ray
+(concurrency, fault selectors, W&B sink, checkpoints of a trial inside Tune).
 
-The grid runs with worker_retries=0, so the killed worker fails its Ray Train run and the trial is rerun by
-Tune (the driver-level retry), resuming its Train run from the checkpoint by name. The worker-level restart
-(Ray Train's own FailureConfig, `worker_retries` >= 1, the default) is tested in test_worker.py."""
+The grid runs with worker_retries=0, so the killed worker fails its run and the trial is rerun by Tune
+(the driver-level retry), resuming from its checkpoint: on Ray Train the Train run resumes by name, inside
+a Tune trial the trial finds its own newest checkpoint. The worker-level restart (Ray Train's own
+FailureConfig, `worker_retries` >= 1, the default) is tested in test_worker.py."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
+import pandas as pd
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -23,7 +28,7 @@ import yaml
 import moelab.results as mr
 from moelab.platform.controller import (FAULT_NAN_TRIAL_ENV, FAULT_TRIAL_ENV, RAY_DIR, SweepError,
                                         format_report, max_concurrent_trials, run_sweep, trial_env)
-from moelab.platform.spec import expand, load_spec, parse_spec
+from moelab.platform.spec import SpecError, expand, load_spec, parse_spec
 from moelab.platform.store import Store
 from moelab.platform.worker import FAULT_ENV, FAULT_MARKER
 from moelab.trainers.loop import FAULT_NAN_ENV
@@ -41,11 +46,18 @@ def write_spec(path: Path, doc: dict) -> Path:
     return path
 
 
-def grid_doc(name: str) -> dict:
+PATHS = ["tune", "train"]  # a 1-worker trial inside its Tune trial (default), or as a Ray Train run
+
+
+def resources(path: str) -> dict:
+    return {**RESOURCES, "ray_train": path == "train"}
+
+
+def grid_doc(name: str, path: str = "tune") -> dict:
     return {"name": name, "common": TINY, "baselines": [{"preset": "tiny", "seeds": [0]}],
             "base": {"preset": "moe-tiny"},
             "axes": {"upcycle_from": [None, "tiny"], "model.moe.top_k": [1, 2]},
-            "seeds": [0, 1], "resources": RESOURCES}
+            "seeds": [0, 1], "resources": resources(path)}
 
 
 def blank(value) -> bool:
@@ -70,30 +82,47 @@ NAN_TRIAL = "moe-scratch-top_k1-s1"  # diverges at its 4th step
 KILL_TRIAL = "moe-from-tiny-top_k2-s0"  # loses a worker after logged step 4 (checkpoint 4), resumes there
 
 
-@pytest.fixture(scope="module")
-def grid(ray_local, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("grid")
-    spec = load_spec(write_spec(tmp / "grid.yaml", grid_doc("grid")))
+def run_grid(tmp_path_factory, path: str) -> SimpleNamespace:
+    tmp = tmp_path_factory.mktemp(f"grid-{path}")
+    spec = load_spec(write_spec(tmp / "grid.yaml", grid_doc("grid", path)))
     root = str(tmp / "results")
     env = {**FAST_POLL, FAULT_NAN_ENV: "3", FAULT_NAN_TRIAL_ENV: NAN_TRIAL, FAULT_ENV: "4", FAULT_TRIAL_ENV: KILL_TRIAL}
     lines: list[str] = []
+    progress: list = []
     with pytest.MonkeyPatch.context() as mp:
         for k, v in env.items():
             mp.setenv(k, v)
         t0 = time.time()
         report = run_sweep(spec, storage=root, max_concurrent=2, worker_retries=0, trial_retries=1,
-                           log=lambda m: lines.append(f"{time.time() - t0:.1f} {m}"))
+                           log=lambda m: lines.append(f"{time.time() - t0:.1f} {m}"), progress=progress.append)
     print("\n".join(lines))
     print(format_report(report))
     trials = expand(spec)
     ids = {t.trial_id: t for t in trials}
     pick = lambda prefix: next(t for t in ids if t.startswith(prefix))  # noqa: E731
-    return SimpleNamespace(report=report, root=root, trials=trials, ids=ids, lines=lines,
-                           nan=pick(NAN_TRIAL), killed=pick(KILL_TRIAL))
+    return SimpleNamespace(path=path, report=report, root=root, trials=trials, ids=ids, lines=lines,
+                           progress=progress, nan=pick(NAN_TRIAL), killed=pick(KILL_TRIAL))
+
+
+@pytest.fixture(scope="module")
+def grid_tune(ray_local, tmp_path_factory):
+    return run_grid(tmp_path_factory, "tune")
+
+
+@pytest.fixture(scope="module")
+def grid_train(ray_local, tmp_path_factory):
+    return run_grid(tmp_path_factory, "train")
+
+
+@pytest.fixture(params=PATHS)
+def grid(request):
+    """The grid sweep of one path (each runs once per module, shared by the tests of that path)."""
+    return request.getfixturevalue(f"grid_{request.param}")
 
 
 def test_grid_has_one_trials_row_per_trial_and_the_expected_statuses(grid):
     assert len(grid.trials) == 9  # 1 baseline + 2 x 2 axis values x 2 seeds
+    assert grid.report.path == grid.path
     rows = trial_rows(grid.root, "grid")
     assert set(rows) == set(grid.ids)
     assert len(mr.open(grid.root).trials("grid")) == 9
@@ -198,47 +227,89 @@ def test_nan_trial_is_diverged_and_not_retried(grid):
     assert sorted(p.name for p in run_dir.glob("attempt-*")) == ["attempt-0"]  # one start: no retry
 
 
+def test_the_progress_line_counts_every_trial_once(grid):
+    """Snapshots at every trial start and end: never more running than allowed, and at the end every trial done
+    (the NaN trial as diverged), nothing pending."""
+    snaps = grid.progress
+    assert snaps and all(p.total == 9 and p.running <= 2 for p in snaps)
+    assert all(p.done + p.running + p.pending == 9 for p in snaps)
+    assert [p.done for p in snaps] == sorted(p.done for p in snaps)  # done never goes back
+    last = snaps[-1]
+    assert (last.finished, last.diverged, last.failed, last.running, last.pending) == (8, 1, 0, 0, 0)
+    assert last.line().startswith("sweep grid: 9/9 done (1 diverged), 0 running, 0 pending | ")
+    assert max(p.tokens_per_s for p in snaps) > 0 and any(p.eta_s is not None for p in snaps)
+
+
 def test_a_second_run_without_resume_is_refused(grid):
-    spec = parse_spec(grid_doc("grid"))
+    spec = parse_spec(grid_doc("grid", grid.path))
     with pytest.raises(SweepError, match="--resume"):
         run_sweep(spec, storage=grid.root)
 
 
 def test_resuming_a_finished_sweep_runs_nothing(grid):
     before = trial_rows(grid.root, "grid")
-    report = run_sweep(parse_spec(grid_doc("grid")), storage=grid.root, resume=True, log=lambda m: None)
+    report = run_sweep(parse_spec(grid_doc("grid", grid.path)), storage=grid.root, resume=True, log=lambda m: None)
     assert report.ran == [] and sorted(report.skipped) == sorted(grid.ids)
     after = trial_rows(grid.root, "grid")
     assert {t: r["updated_at"] for t, r in after.items()} == {t: r["updated_at"] for t, r in before.items()}
+
+
+TIMING = ["wall_s", "tokens_per_s", "mfu"]  # clocks: the only columns that differ between runs
+
+
+def test_a_trial_logs_the_same_rows_on_both_paths(grid_tune, grid_train):
+    """Same trial id and seed, two paths: every undisturbed trial (baseline, from scratch, upcycled from the
+    baseline's checkpoint) stores exactly the same rows in metrics, experts and routing, and the same final
+    fields in trials."""
+    calm = sorted(t for t in grid_tune.ids if t not in (grid_tune.nan, grid_tune.killed))
+    assert set(grid_train.ids) == set(grid_tune.ids) and len(calm) == 7
+    keys = {"metrics": ["trial_id", "step"], "experts": ["trial_id", "step", "layer", "expert"],
+            "routing": ["trial_id", "step", "layer", "domain", "expert"]}
+    for table, by in keys.items():
+        a, b = (getattr(mr.open(g.root), table)("grid") for g in (grid_tune, grid_train))
+        a, b = ((f[f.trial_id.isin(calm)].drop(columns=[c for c in TIMING if c in f.columns])
+                 .sort_values(by).reset_index(drop=True)) for f in (a, b))
+        assert len(a) > 0 and set(a.trial_id) == (set(calm) if table == "metrics" else set(a.trial_id))
+        pd.testing.assert_frame_equal(a, b, check_exact=True, obj=table)
+    final = ["status", "attempt", "final_step", "final_tokens", "final_flops", "final_loss", "final_eval_loss"]
+    rows = [trial_rows(g.root, "grid") for g in (grid_tune, grid_train)]
+    assert [[rows[0][t][k] for k in final] for t in calm] == [[rows[1][t][k] for k in final] for t in calm]
 
 
 # ----------------------------------------------------------------------------------------------------------------
 # A crashed controller
 
 
-def test_killed_controller_resumes_without_rerunning_finished_trials(ray_local, tmp_path):
-    doc = {"name": "crash", "common": {**TINY, "train.steps": 10}, "baselines": [{"preset": "tiny"}],
+@pytest.mark.parametrize("path", PATHS)
+def test_killed_controller_resumes_without_rerunning_finished_trials(ray_local, tmp_path, path):
+    # Inside Tune trials a 10-step trial lasts well under a second: 40 steps leave time to kill the controller
+    # while an upcycled trial is part-way.
+    steps = 40 if path == "tune" else 10
+    doc = {"name": "crash", "common": {**TINY, "train.steps": steps}, "baselines": [{"preset": "tiny"}],
            "base": {"preset": "moe-tiny", "upcycle_from": "tiny"}, "axes": {"model.moe.top_k": [1, 2]},
-           "seeds": [0], "resources": RESOURCES}
-    path = write_spec(tmp_path / "crash.yaml", doc)
-    trials = expand(load_spec(path))
+           "seeds": [0], "resources": resources(path)}
+    spec_path = write_spec(tmp_path / "crash.yaml", doc)
+    trials = expand(load_spec(spec_path))
     base, deps = trials[0].trial_id, [t.trial_id for t in trials[1:]]
     root = tmp_path / "results"
     env = {**os.environ, **FAST_POLL, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     log = open(tmp_path / "controller.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "moelab", "sweep", str(path), "--storage", str(root),
-                             "--max-concurrent", "2"], env=env, stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "moelab", "sweep", str(spec_path), "--storage", str(root),
+                             "--max-concurrent", "2", "--verbose"], env=env, stdout=log, stderr=subprocess.STDOUT,
                             start_new_session=True)
     store = Store(root)
     try:
         deadline = time.time() + 150
         while time.time() < deadline and proc.poll() is None:
-            base_row = store.read_trial("crash", base)
+            try:
+                base_row = store.read_trial("crash", base)
+            except OSError:  # pq.read_table(path) can meet the controller's rename of the row mid-read: look again
+                continue
             files = list((root / "metrics" / "sweep=crash").glob(f"{deps[0]}.*")) + \
                 list((root / "metrics" / "sweep=crash").glob(f"{deps[1]}.*"))
             if base_row and base_row["status"] == "finished" and files:
                 break  # the baseline is done and a dependent is part-way (it flushed a checkpoint's rows)
-            time.sleep(0.25)
+            time.sleep(0.1)
         assert proc.poll() is None, (tmp_path / "controller.log").read_text()[-3000:]
         os.killpg(proc.pid, signal.SIGKILL)  # the controller (and nothing else) dies at once
         proc.wait(30)
@@ -246,6 +317,8 @@ def test_killed_controller_resumes_without_rerunning_finished_trials(ray_local, 
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
         log.close()
+    text = (tmp_path / "controller.log").read_text()
+    assert f"[moelab sweep] {base}: finished" in text and "sweep crash: 1/3 done" in text  # --verbose: both kinds
     killed_at = {t: (store.read_trial("crash", t) or {}).get("status") for t in [base, *deps]}
     had_rows = {t for t in deps if list((root / "metrics" / "sweep=crash").glob(f"{t}.*"))}
     assert killed_at[base] == "finished" and "running" in killed_at.values(), killed_at
@@ -256,18 +329,18 @@ def test_killed_controller_resumes_without_rerunning_finished_trials(ray_local, 
     with pytest.MonkeyPatch.context() as mp:
         for k, v in FAST_POLL.items():
             mp.setenv(k, v)
-        report = run_sweep(load_spec(path), storage=str(root), resume=True, max_concurrent=2, log=print)
+        report = run_sweep(load_spec(spec_path), storage=str(root), resume=True, max_concurrent=2, log=print)
     print(format_report(report))
     assert report.skipped == [base] and sorted(report.ran) == sorted(t for t in deps if killed_at[t] != "finished")
     assert report.status == {t: "finished" for t in [base, *deps]}
-    # The baseline did not run again: same row, one start of its Train run.
+    # The baseline did not run again: same row, one start of its run directory.
     assert store.read_trial("crash", base)["updated_at"] == base_updated
     assert sorted(p.name for p in base_run.glob("attempt-*")) == ["attempt-0"]
-    steps, m = steps_by_trial(root, "crash")
-    assert steps == {t: [2, 4, 6, 8, 10] for t in [base, *deps]}
+    logged, m = steps_by_trial(root, "crash")
+    assert logged == {t: list(range(2, steps + 1, 2)) for t in [base, *deps]}
     resumed = [t for t in deps if killed_at[t] == "running" and t in had_rows]
     assert resumed  # at least one trial was cut mid-run (it had stored the rows of a checkpoint)
-    for t in resumed:  # its Train run (same name) resumed from its latest checkpoint; new rows, new attempt
+    for t in resumed:  # it resumed from its latest checkpoint (same run directory); new rows, new attempt
         row = store.read_trial("crash", t)
         assert row["attempt"] == 1 and m[m.trial_id == t].attempt.max() == 1
         run_dir = root / RAY_DIR / "crash" / "train" / t / "run"
@@ -363,3 +436,39 @@ def test_store_sink_stores_batched_rows_in_order(tmp_path):
     assert list(m["step"]) == [2, 4, 6, 8] and list(m["loss"]) == pytest.approx([4.8, 4.6, 4.4, 4.2])
     assert set(m["attempt"]) == {0}
     assert sink.state["t-s0-abc"].last_step == 8
+
+
+def test_resources_choose_the_trial_path():
+    one = parse_spec({"name": "p", "base": {"preset": "tiny"}})
+    assert one.resources.in_tune  # the default: a 1-worker trial trains inside its Tune trial
+    assert not parse_spec({"name": "p", "base": {"preset": "tiny"},
+                           "resources": {"ray_train": True}}).resources.in_tune
+    assert not parse_spec({"name": "p", "base": {"preset": "tiny"},
+                           "resources": {"workers": 2}}).resources.in_tune  # several workers: Ray Train
+    with pytest.raises(SpecError, match="ray_train"):
+        parse_spec({"name": "p", "base": {"preset": "tiny"}, "resources": {"ray_train": "yes"}})
+
+
+def test_a_trial_in_tune_keeps_its_two_newest_checkpoints_whole(tmp_path):
+    """Inside a Tune trial the run persists its own checkpoints (Ray Train's layout) and resumes from the newest
+    complete one."""
+    from moelab.platform.worker import _TuneChannel
+
+    root = tmp_path / "train" / "t-s0-abc"
+    channel = _TuneChannel(str(root), None)
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {}
+    for step in (2, 4, 6, 4):  # the last: an attempt restarted from checkpoint 2 saves step 4 again
+        tmp = run / "checkpoint.pt.tmp"
+        tmp.write_text(f"step {step}")
+        os.replace(tmp, run / "checkpoint.pt")  # as the trainer saves: a new file each time
+        saved[step] = channel._persist(run / "checkpoint.pt", step)
+    assert sorted(p.name for p in root.iterdir()) == ["checkpoint-00000004", "checkpoint-00000006"]
+    assert (root / "checkpoint-00000004" / "checkpoint.pt").read_text() == "step 4"
+    assert (root / "checkpoint-00000006" / "checkpoint.pt").read_text() == "step 6"
+    (root / "checkpoint-00000008").mkdir()  # no checkpoint file: not complete, never resumed from
+    loaded = []
+    trainer = SimpleNamespace(load_checkpoint=loaded.append, out_dir=run)
+    assert channel.restore(trainer) == saved[6] == str(root / "checkpoint-00000006") and loaded == [saved[6]]
+    assert _TuneChannel(str(tmp_path / "nothing"), None).restore(trainer) is None
