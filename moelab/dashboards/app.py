@@ -8,9 +8,10 @@ coordinates. The page URL holds the state (`?view=curves&sweep=noise&metric=loss
 so a view can be shared; unknown or malformed parameters fall back to defaults. Parameters: view, sweep,
 status and family (comma lists, "none" = empty), metric, x (step / tokens / flops / wall_s), log (x,y), smooth
 (EMA weight), group ("seeds" = mean over seeds [default], "none", or comma-joined config keys), axis, baseline,
-split, emetric (effects metric), color (scaling), trial, step, layer (experts: the layer whose load over time
-and domain routing are shown), pmetric (parallel coordinates), differ=0 (all config columns), refresh=0 (no
-auto-refresh). Every table has a CSV button; every figure a PNG button (Plotly's mode bar).
+split, emetric (effects metric), color and budget (scaling: the colour key, and the training FLOPs of the
+efficiency-leverage surface), trial, step, layer (experts: the layer whose load over time and domain routing
+are shown), pmetric (parallel coordinates), differ=0 (all config columns), refresh=0 (no auto-refresh).
+Every table has a CSV button; every figure a PNG button (Plotly's mode bar).
 While the page is open it re-reads the store every `refresh_s` seconds (only files that changed are read,
 and a view is redrawn only when its sweep's files changed).
 

@@ -3,7 +3,8 @@
 * `register_sync`: the address bar is the state. Every change is parsed and checked against the store
   (`moelab.dashboards.inputs`), written back to the URL without defaults, and pushed to the controls, their
   options and the banner; it also shows the chosen view's section.
-* `register_views`: one callback per view, each wrapped by `guarded`: it runs only while its view is shown,
+* `register_views`: one callback per view (two for Scaling & leverage: its efficiency-leverage surface
+  redraws alone when the budget changes), each wrapped by `guarded`: it runs only while its view is shown,
   passes the sweep through `inputs.checked` before anything is read, skips a timer refresh when the sweep's
   files did not change, and turns any error into a one-line message in the view (traceback to the log).
 * `register_downloads`: the CSV buttons, each the frame behind its view, through the same check.
@@ -118,7 +119,7 @@ def register_sync(app: dash.Dash, reader: Reader, refresh_s: float) -> None:
 
 
 def register_views(app: dash.Dash, reader: Reader, views: Views) -> None:
-    """One callback per view (and the runs table's quick filter)."""
+    """One callback per view (and the runs table's quick filter, and the Scaling view's EL surface)."""
 
     def guarded(view: str, fallback: Callable[[str], tuple]) -> Callable:
         """Compute only while `view` is shown; skip a timer refresh when the sweep's files did not change;
@@ -249,6 +250,17 @@ def register_views(app: dash.Dash, reader: Reader, views: Views) -> None:
             if n_extra:
                 note += f" {n_extra} MoE run(s) need the law outside its fitted compute range (extrapolated)."
         return fig, records(summary), column_defs(summary, ("label",)), note
+
+    @app.callback(Output("scaling-el-graph", "figure"), Output("scaling-el-note", "children"),
+                  Output("scaling-el-version", "data"), *common, Input("scaling-budget", "value"),
+                  State("scaling-el-version", "data"))
+    @guarded("scaling", lambda msg: (F.message_figure(msg), msg))
+    def scaling_el(sweep, trials, budget):
+        try:
+            fig, note, _ = views.el_surface(sweep, inputs.check_budget(budget))
+        except ValueError as e:
+            return F.message_figure(str(e)), str(e)
+        return fig, note
 
     @app.callback(Output("experts-heatmap", "figure"), Output("experts-time", "figure"),
                   Output("experts-domain", "figure"), Output("experts-special", "figure"),

@@ -9,6 +9,7 @@ is stable so tests can count traces:
 * curves, ungrouped: per run 1 trace (2 with smoothing: raw faint + smoothed);
 * effects: per split value 2 traces (mean +/- interval; difference to the baseline), baseline marked;
 * scaling: dense points, the dense law (+ band), MoE points per colour label, faint training curves;
+* EL surface: one heatmap (x = A, y = G, z = EL), then the optimal-G line when the law has one;
 * domain routing: one heatmap trace; specialisation: one line per layer ("layer L").
 """
 
@@ -25,11 +26,12 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from moelab.dashboards.curves import CurveData
-from moelab.dashboards.scaling import DenseLaw
+from moelab.dashboards.scaling import DenseLaw, ELSurface
 from moelab.dashboards.trials import fmt_value
 
 __all__ = [
     "STATUS_COLORS", "message_figure", "overview_figure", "curves_figure", "effects_figure", "scaling_figure",
+    "el_surface_figure",
     "expert_heatmap", "expert_time_heatmap", "imbalance_figure", "domain_heatmap", "specialisation_figure",
     "parallel_figure",
 ]
@@ -240,6 +242,36 @@ def scaling_figure(points: pd.DataFrame, law: DenseLaw | None, curves: pd.DataFr
     fig.update_layout(**_LAYOUT, height=540, title="Final loss vs training compute; EL = dense compute for the "
                       "same loss / MoE compute", xaxis=dict(type="log", title="training FLOPs"),
                       yaxis=dict(type="log", title="final loss"))
+    return fig
+
+
+def el_surface_figure(surface: ELSurface) -> go.Figure:
+    """Eq. 13's EL over (A, G) at the surface's budget: a heatmap on log axes (G ticks at powers of 2) and a
+    dashed line at the optimal G. The title states the budget and says "extrapolated" when the budget is
+    outside the fitted compute range."""
+    s = surface
+    fig = go.Figure(go.Heatmap(x=s.A, y=s.G, z=s.EL, colorscale="Viridis", colorbar=dict(title="EL"),
+                               name="EL", hovertemplate="A=%{x:.3g}, G=%{y:.3g}: EL %{z:.3g}<extra></extra>"))
+    g_lo, g_hi = float(s.G[0]), float(s.G[-1])
+    if s.G_opt is not None:
+        inside = g_lo <= s.G_opt <= g_hi
+        label = f"optimal G = 2^{math.log2(s.G_opt):.2f} = {s.G_opt:.3g}" + ("" if inside else " (off this grid)")
+        # drawn even off the grid: the legend still says where the optimum is
+        fig.add_scatter(x=[float(s.A[0]), float(s.A[-1])], y=[s.G_opt, s.G_opt], mode="lines", name=label,
+                        line=dict(color="white", dash="dash", width=2), hoverinfo="name")
+    c_range = s.fit_range.get("C")
+    if s.extrapolated:
+        where = f"extrapolated: outside the fitted compute range [{float(c_range[0]):.3g}, {float(c_range[1]):.3g}]"
+    elif s.extrapolated is None:
+        where = "the fit states no compute range"
+    else:
+        where = "within the fitted compute range"
+    pow2 = [2.0 ** k for k in range(math.floor(math.log2(g_lo)), math.ceil(math.log2(g_hi)) + 1)]
+    fig.update_layout(**_LAYOUT, height=520, title=f"Efficiency leverage at C = {s.budget:.3g} FLOPs ({where})",
+                      xaxis=dict(type="log", title="activation ratio A (active / total experts)"),
+                      yaxis=dict(type="log", title="granularity G = 2 d_model / d_expert", range=[
+                          math.log10(g_lo), math.log10(g_hi)], tickvals=pow2, ticktext=[f"{v:g}" for v in pow2]),
+                      legend=dict(orientation="h", y=-0.18))
     return fig
 
 

@@ -9,7 +9,8 @@ the dropdowns offered, and a URL can say anything. So every request meets, in th
   store holds (`Offer`); a value that is not allowed falls back to its default, never to an error;
 * the callback (`checked`): the sweep and trial names that become store paths must be valid names, and the
   sweep one this store lists, else `RefusedInput` and nothing is read; the metric, x axis, axis and split
-  names a view uses are checked by `check_metric`, `check_x`, `check_axis`, ... (the frames call these too);
+  names a view uses are checked by `check_metric`, `check_x`, `check_axis`, ... (the frames call these too),
+  and the Scaling view's compute budget by `check_budget`;
 * what a page prints (`shown_uri`): the store's URI without credentials.
 
 The names a request may use (views, metrics, x axes, the "all but seed" grouping) are defined here too.
@@ -41,7 +42,7 @@ __all__ = [
     "MAX_REQUEST_BYTES", "RefusedInput", "checked", "check_metric", "check_x", "check_metric_columns",
     "check_axis", "check_split", "check_trial_column", "shown_uri", "host_name", "guard_requests", "parse_state",
     "encode_state", "controls_state", "group_control", "without_store", "check_sweep", "Offer", "Checked",
-    "check_state",
+    "check_state", "MAX_BUDGET", "check_budget",
 ]
 
 log = logging.getLogger("moelab.dashboards")
@@ -61,6 +62,9 @@ GROUP_SEEDS = "seeds"  # the URL's token for ALL_BUT_SEED
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # A callback request carries control values only (the tables travel in responses): a larger body is not ours.
 MAX_REQUEST_BYTES = 1 << 20
+# The largest compute budget the EL surface accepts (FLOPs): far beyond any training run, and small enough
+# that log10 C and the law's power stay ordinary floats.
+MAX_BUDGET = 1e40
 # URL keys whose allowed values depend on the store: cleared when there is no store to check them against.
 _STORE_KEYS = ("sweep", "axis", "baseline", "split", "color", "trial", "family")
 
@@ -124,6 +128,30 @@ def check_split(split: Any, axis: Any, axes: Sequence[str]) -> None:
     """Another axis than `axis` to split the effects by; ValueError otherwise."""
     if split not in axes or split == axis:
         raise ValueError(f"split {split!r} must be another axis (axes: {list(axes)})")
+
+
+def check_budget(budget: Any) -> float | None:
+    """The EL surface's compute budget in FLOPs: None (or an empty field) for the law's default, else a
+    number (not a bool, not text) that is finite, positive and at most MAX_BUDGET; ValueError otherwise."""
+    if budget is None or budget == "":
+        return None
+    if isinstance(budget, bool) or not isinstance(budget, (int, float)) or not 0 < budget <= MAX_BUDGET:
+        raise ValueError(f"budget: got {budget!r}; allowed: training FLOPs, a number in (0, {MAX_BUDGET:g}], "
+                         f"or empty for the default")
+    return float(budget)
+
+
+def _budget(value: Any) -> float | None:
+    """`check_budget` for the URL and the sync callback: text is parsed, anything not allowed is the default."""
+    if isinstance(value, str):
+        try:
+            value = float(value)
+        except ValueError:
+            return None
+    try:
+        return check_budget(value)
+    except ValueError:
+        return None
 
 
 def shown_uri(root: str | os.PathLike) -> str:
@@ -203,7 +231,7 @@ def parse_state(search: str | None) -> dict[str, Any]:
         "axis": _first(params, "axis"), "baseline": _first(params, "baseline"), "split": _first(params, "split"),
         "emetric": _first(params, "emetric"), "color": _first(params, "color"), "trial": _first(params, "trial"),
         "step": _int(_first(params, "step")), "layer": _int(_first(params, "layer")),
-        "pmetric": _first(params, "pmetric"),
+        "pmetric": _first(params, "pmetric"), "budget": _budget(_first(params, "budget")),
         "differ": _first(params, "differ") != "0", "refresh": _first(params, "refresh") != "0",
     }
 
@@ -231,6 +259,9 @@ def encode_state(state: dict[str, Any]) -> str:
     g = state.get("group")
     if g is not None and g != [GROUP_SEEDS]:
         out["group"] = ",".join(g) or "none"
+    budget = _budget(state.get("budget"))
+    if budget is not None:
+        out["budget"] = f"{budget:.6g}"
     for key in ("step", "layer"):
         if state.get(key) is not None and state[key] != dflt.get(key, 0 if key == "layer" else None):
             out[key] = str(int(state[key]))
@@ -276,6 +307,7 @@ def without_store(state: dict[str, Any]) -> dict[str, Any]:
     s = _check_view(state)
     for k in _STORE_KEYS:
         s[k] = None
+    s["budget"] = _budget(s.get("budget"))
     return s
 
 
@@ -369,6 +401,7 @@ def check_state(state: dict[str, Any], sweep: str, offer: Offer) -> Checked:
         s["step"] = last if s.get("step") is None else int(min(max(int(s["step"]), 0), last))
     if s.get("layer") is None or s["layer"] < 0:
         s["layer"] = 0
+    s["budget"] = _budget(s.get("budget"))
     return Checked(s, fams, keys, axes, [a for a in axes if a != s["axis"]], values,
                    axes + [k for k in ("family", "name") if k in t],
                    [(r.trial_id, r.status) for r in moe.itertuples()], last)

@@ -37,7 +37,7 @@ CONTROLS = {
     "split": ("effects-split", "value"), "emetric": ("effects-metric", "value"),
     "color": ("scaling-color", "value"), "trial": ("experts-trial", "value"), "step": ("experts-step", "value"),
     "layer": ("experts-layer", "value"), "pmetric": ("parallel-metric", "value"),
-    "differ": ("runs-differ", "value"), "refresh": ("refresh", "value"),
+    "differ": ("runs-differ", "value"), "refresh": ("refresh", "value"), "budget": ("scaling-budget", "value"),
 }
 OPTIONS = [("sweep", "options"), ("family", "options"), ("curves-group", "options"), ("effects-axis", "options"),
            ("effects-baseline", "options"), ("effects-split", "options"), ("effects-metric", "options"),
@@ -200,6 +200,17 @@ def page(title: str, display_uri: str, refresh_s: float) -> html.Div:
             _note("scaling-note"),
             dcc.Loading(dcc.Graph(id="scaling-graph", config={"displaylogo": False}), type="dot", delay_show=400),
             _grid("scaling-grid", 50),
+            html.H4("Efficiency leverage over activation ratio and granularity (Tian et al. 2025, Eq. 13)"),
+            html.Div([
+                _labelled("compute budget (training FLOPs; empty: the middle of the fitted range)",
+                          dcc.Input(id="scaling-budget", type="number", min=0, value=None, debounce=True,
+                                    placeholder="e.g. 1e21", style={"width": "160px"})),
+            ], style=_ROW),
+            _note("scaling-el-note"),
+            dcc.Graph(id="scaling-el-graph", config={"displaylogo": False}),
+            # the EL surface redraws on its own (a budget change need not redraw the loss-vs-compute figure
+            # and its training curves), so it keeps its own record of the sweep files it was drawn from
+            dcc.Store(id="scaling-el-version"),
         ],
         "experts": [
             html.Div([

@@ -1,7 +1,8 @@
 """What the Scaling & leverage view shows: the dense family's compute law L = E + A C^-alpha (from the
 sweep's `fits` table, else fitted to its dense runs), each MoE run's compute leverage against it, and the
 final (compute, loss) points. When `moelab fit` has written leverage rows, those are the numbers shown
-(`fits_leverage`), never a second estimate. Pure functions over DataFrames (no I/O)."""
+(`fits_leverage`), never a second estimate; when it has written the joint efficiency-leverage law (Tian et al.
+2025 Eq. 13), its surface over (A, G) at a budget (`el_surface`). Pure functions over DataFrames (no I/O)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import math
+
 import numpy as np
 import pandas as pd
 
 from moelab.dashboards.trials import axis_frame, fmt_value, json_dict, short_key
 
 __all__ = ["DenseLaw", "dense_law", "fits_law", "with_leverage", "fits_leverage", "with_fits_leverage",
-           "scaling_points"]
+           "scaling_points", "ELSurface", "el_row", "el_surface", "EL_FALLBACK_BUDGET"]
 
 
 @dataclass
@@ -192,3 +195,109 @@ def scaling_points(trials: pd.DataFrame, color: str | None = None) -> pd.DataFra
     names = t["name"].reindex(pts["trial_id"]).to_numpy() if "name" in t else np.array(["dense"] * len(pts))
     pts.loc[dense, "label"] = [f"dense {n}" if isinstance(n, str) else "dense" for n in names[dense.to_numpy()]]
     return pts
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The efficiency-leverage law over (A, G)
+
+# Only for a row that states no compute range (Table 2's constants come without one): the budget of the
+# paper's worked example (EL 7.24 at A = 3.1%, G = 12), so the default lands where the constants were checked.
+EL_FALLBACK_BUDGET = 1e22
+# Axis spans for a row without a fit range: activation ratios from one active expert in 128 up to dense, and
+# granularities 1 .. 64, which put Table 2's optimum 2^3.5 mid-plot.
+_EL_DEFAULT_A = (2.0 ** -7, 1.0)
+_EL_DEFAULT_G = (1.0, 64.0)
+
+
+@dataclass
+class ELSurface:
+    """Eq. 13's EL over an (A, G) grid at one compute budget.
+
+    A: (n_A,) activation ratios, log-spaced; G: (n_G,) the paper's granularity 2 d_model / d_expert,
+    log2-spaced; EL: (n_G, n_A) with EL[i, j] = EL(A[j], G[i], budget) (rows follow G: a heatmap's z).
+    budget: training FLOPs; default_budget: what `budget=None` gives. extrapolated: the budget lies outside
+    the fitted compute range (None: the row states no compute range). G_opt: the G maximising EL (None when
+    gamma <= 0: no interior optimum). params: the six constants; fit_range: the row's [min, max] of C, A, G,
+    EL; n_points: points behind the fit (None: not stated)."""
+
+    A: np.ndarray
+    G: np.ndarray
+    EL: np.ndarray
+    budget: float
+    default_budget: float
+    extrapolated: bool | None
+    G_opt: float | None
+    params: dict[str, float]
+    fit_range: dict[str, Any]
+    n_points: int | None = None
+
+
+def el_row(fits: pd.DataFrame | None) -> pd.Series | None:
+    """The fits table's `efficiency_leverage` law row (`moelab fit`, scope "law", status ok), or None."""
+    if fits is None or not len(fits) or not {"law", "scope", "parameters"} <= set(fits.columns):
+        return None
+    rows = fits[(fits["law"] == "efficiency_leverage") & (fits["scope"] == "law")]
+    if "status" in rows:
+        rows = rows[rows["status"].fillna("ok") == "ok"]
+    return rows.iloc[0] if len(rows) else None
+
+
+def _pair(value: Any) -> tuple[float, float] | None:
+    """A fit range's [min, max] as two finite positive floats lo <= hi, else None."""
+    try:
+        lo, hi = (float(v) for v in value)
+    except (TypeError, ValueError):
+        return None
+    return (lo, hi) if math.isfinite(lo) and math.isfinite(hi) and 0 < lo <= hi else None
+
+
+def _span(value: Any, default: tuple[float, float]) -> tuple[float, float]:
+    """The grid's extent for a fit range's [min, max] (`default` when there is none). A single value is
+    widened by 2x each way so that the grid still has an extent to draw."""
+    pair = _pair(value)
+    if pair is None:
+        return default
+    lo, hi = pair
+    return (lo / 2, hi * 2) if lo == hi else (lo, hi)
+
+
+def el_surface(fits: pd.DataFrame | None, budget: float | None = None, n_A: int = 48,
+               n_G: int = 48) -> ELSurface | None:
+    """EL(A, G) at compute `budget` from the sweep's `efficiency_leverage` law row (None when the fits table
+    has none).
+
+    The grid spans the fit range's A (log-spaced, capped at 1) and G (log2-spaced); without a fit range,
+    A in [2^-7, 1] and G in [1, 64]. budget: training FLOPs; None = the geometric middle of the fitted
+    compute range (EL_FALLBACK_BUDGET when the row states none). Returns an ELSurface: A (n_A,), G (n_G,),
+    EL (n_G, n_A). ValueError naming `budget` unless it is a finite positive number, or naming what the row
+    lacks (moelab.ablations.el_law.law_from_row)."""
+    from moelab.ablations.el_law import efficiency_leverage, law_from_row, optimal_granularity
+
+    if budget is not None and (isinstance(budget, bool) or not isinstance(budget, (int, float, np.number))
+                               or not math.isfinite(budget) or budget <= 0):
+        raise ValueError(f"budget: got {budget!r}; allowed: a finite positive number of training FLOPs")
+    row = el_row(fits)
+    if row is None:
+        return None
+    if not isinstance(row["parameters"], (str, dict)):
+        raise ValueError("the efficiency_leverage row has no parameters")
+    params, _, fit_range = law_from_row(row["parameters"])
+    c_range = _pair(fit_range.get("C"))
+    default_budget = math.sqrt(c_range[0] * c_range[1]) if c_range else EL_FALLBACK_BUDGET
+    C = default_budget if budget is None else float(budget)
+    a_lo, a_hi = _span(fit_range.get("A"), _EL_DEFAULT_A)
+    a_hi = min(a_hi, 1.0)  # an activation ratio; Eq. 13 is undefined above 1
+    if a_lo >= a_hi:
+        a_lo = a_hi / 2
+    g_lo, g_hi = _span(fit_range.get("G"), _EL_DEFAULT_G)
+    A = np.geomspace(a_lo, a_hi, n_A)
+    G = np.power(2.0, np.linspace(math.log2(g_lo), math.log2(g_hi), n_G))
+    EL = efficiency_leverage(A[None, :], G[:, None], C, params)
+    try:
+        g_opt: float | None = float(optimal_granularity(params))
+    except ValueError:
+        g_opt = None
+    n = row.get("n_points")
+    return ELSurface(A=A, G=G, EL=np.asarray(EL, dtype=float), budget=C, default_budget=default_budget,
+                     extrapolated=(not c_range[0] <= C <= c_range[1]) if c_range else None, G_opt=g_opt,
+                     params=params, fit_range=fit_range, n_points=None if n is None or pd.isna(n) else int(n))

@@ -17,8 +17,8 @@ from moelab.dashboards.experts import (domain_share_at, expert_imbalance, expert
                                        specialisation)
 from moelab.dashboards.inputs import ALL_BUT_SEED
 from moelab.dashboards.reader import Reader
-from moelab.dashboards.scaling import (DenseLaw, dense_law, fits_law, fits_leverage, scaling_points,
-                                       with_fits_leverage, with_leverage)
+from moelab.dashboards.scaling import (DenseLaw, ELSurface, dense_law, el_surface, fits_law, fits_leverage,
+                                       scaling_points, with_fits_leverage, with_leverage)
 from moelab.dashboards.trials import axis_keys, filter_trials, recent_failures, runs_table, sweeps_overview
 
 __all__ = ["Views"]
@@ -124,6 +124,26 @@ class Views:
             mean_leverage=("leverage", "mean"), min_leverage=("leverage", "min"),
             max_leverage=("leverage", "max")).reset_index() if len(moe) else pd.DataFrame()
         return F.scaling_figure(pts, law, curves), summary, pts, law, tl
+
+    # Why no efficiency-leverage surface is drawn: the page's one line about it.
+    NO_EL_LAW = ("No efficiency-leverage law in this sweep's fits table: run `moelab fit` on a sweep that varies "
+                 "A, G and C.")
+
+    def el_surface(self, sweep: str, budget: float | None = None) -> tuple[Any, str, ELSurface | None]:
+        """(figure, note, surface) of the sweep's efficiency-leverage law at `budget` FLOPs (None: the middle
+        of the fitted compute range); a message figure and NO_EL_LAW when its fits table has no such law.
+        ValueError for a budget `scaling.el_surface` refuses."""
+        s = el_surface(self.reader.fits(sweep), budget)
+        if s is None:
+            return F.message_figure(self.NO_EL_LAW), self.NO_EL_LAW, None
+        fitted = f" on {s.n_points} points" if s.n_points is not None else ""
+        note = (f"Eq. 13 as `moelab fit` fitted it{fitted}; colour = EL, the dense compute that reaches the same "
+                f"loss over the MoE's, at C = {s.budget:.4g} FLOPs (default {s.default_budget:.4g}).")
+        if s.extrapolated:
+            note += " This budget is outside the fitted compute range: the surface is an extrapolation."
+        if s.G_opt is None:
+            note += " The fitted gamma is not positive, so EL has no optimal granularity."
+        return F.el_surface_figure(s), note, s
 
     def experts_data(self, sweep: str, trial: str, step: int | None = None, layer: int = 0):
         e = self.reader.experts(sweep, trial)
