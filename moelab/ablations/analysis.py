@@ -46,7 +46,8 @@ from moelab.ablations.fits import ChinchillaFit, FlopsPerToken, GranularityFit, 
 from moelab.ablations.leverage import NO_NOISE, SeedNoise, cell_leverage, family_leverage, interval, seed_noise, \
     trial_leverage
 
-__all__ = ["Analysis", "SCALE_AXES", "analyse", "analyse_trials", "fit_rows", "group_order", "BUDGET_QUANTILES"]
+__all__ = ["Analysis", "SCALE_AXES", "analyse", "analyse_trials", "data_floor", "fit_rows", "group_order",
+           "BUDGET_QUANTILES"]
 
 # Axes that change a model's size or budget rather than its design: they do not split MoE families (a family
 # is a design seen at several sizes), but they still get per-axis effects.
@@ -70,7 +71,9 @@ class Analysis:
       compute_leverage(_lo/_hi), c_dense, compute_extrapolated, leverage_note.
     dense_points: points of the dense fit. family_fits / fpt: Chinchilla fit and FLOPs-per-token law per
       group ("dense" included). size_leverage: one row per (family, N, D) cell. family_leverage: one row per
-      (family, budget). effects: axis -> metric -> effects frame (with p_holm).
+      (family, budget). effects: axis -> metric -> effects frame (with p_holm). data_floor: the synthetic
+      source's Bayes-optimal loss when every usable trial trained on the same one (`data_floor`), to read the
+      dense law's E against.
     """
 
     root: str
@@ -93,6 +96,7 @@ class Analysis:
     family_leverage: pd.DataFrame | None = None
     granularity: GranularityFit | None = None
     el_law: ELFit | None = None
+    data_floor: dict[str, Any] | None = None
     effects: dict[str, dict[str, pd.DataFrame]] = field(default_factory=dict)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -408,11 +412,42 @@ def analyse_trials(
         a.skip("dense Chinchilla L(N, D)", "no usable dense points", "dense", "chinchilla")
     for i, g in enumerate(group_order(a)):
         _fit_group(a, cp, g, grid, refine_top, seed + 7919 * i)
+    a.data_floor = data_floor(t)
     _leverage(a, seed)
     _fit_el_law(a, seed)
     _fit_granularity(a, cp)
     _effects_all(a)
     return a
+
+
+_FLOOR_COLS = ("data.source", "data.seed", "data.n_domains", "data.n_symbols", "data.concentration", "train.seq_len")
+
+
+def data_floor(t: pd.DataFrame) -> dict[str, Any] | None:
+    """The loss no model can beat on the trials' data, when it is known: every usable trial of `t` trained on
+    one synthetic source (same `data.*` and `train.seq_len` config columns) -> {"bayes_loss", "entropy_rate",
+    "describe"}; None for real data, mixed sources, or stores without those columns.
+
+    The dense law's E estimates this floor (plus whatever the model family cannot learn): on the synthetic
+    source a sound design recovers it within a few percent, so the report prints both side by side."""
+    use = t[t["usable"]] if "usable" in t else t
+    if use.empty or any(c not in use for c in _FLOOR_COLS):
+        return None
+    keys = use[list(_FLOOR_COLS)].drop_duplicates()
+    if len(keys) != 1 or keys["data.source"].iloc[0] != "synthetic":
+        return None
+    k = keys.iloc[0]
+    from moelab.trainers.data import SyntheticMarkov  # the source itself: its floor is exact, not a fit
+
+    try:
+        src = SyntheticMarkov(int(k["data.n_domains"]), int(k["data.n_symbols"]), float(k["data.concentration"]),
+                              int(k["data.seed"]))
+    except (TypeError, ValueError):
+        return None
+    seq = int(k["train.seq_len"])
+    return {"bayes_loss": src.bayes_loss(seq), "entropy_rate": src.entropy_rate(), "seq_len": seq,
+            "describe": f"{int(k['data.n_domains'])} Markov domains over {int(k['data.n_symbols'])} symbols, "
+                        f"concentration {float(k['data.concentration']):g}, data.seed {int(k['data.seed'])}"}
 
 
 def _fit_group(a: Analysis, cp: pd.DataFrame, g: str, grid: np.ndarray | None, refine_top: int | None,
@@ -585,24 +620,54 @@ def _design(t: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame({"A": A, "G_paper": 2.0 * _num(t, "model.d_model") / d_exp, "G_moelab": G}, index=t.index)
 
 
-def _fit_el_law(a: Analysis, seed: int) -> None:
-    """Tian et al. 2025 Eq. 13 over the families' efficiency leverages at their stated budgets (whole families
-    resampled), when the sweep varies A, G and C enough; skipped with the reason otherwise."""
+def _el_points(a: Analysis) -> list[tuple[pd.DataFrame, str]]:
+    """The candidate (group, at_compute, EL) point sets Eq. 13 can be fitted to, best first.
+
+    "family laws": each family with its own law gives its efficiency leverage at the stated budgets (the
+    paper's EL: both sides compute-optimal). "cells": every (family, size, budget) cell gives its compute
+    leverage at its own compute (the dense frontier against that cell's allocation, so a cell trained away
+    from the MoE-optimal tokens per parameter reads lower than the paper's EL would); it covers families
+    that ran at one size or one budget. A set is offered only with at least two families."""
+    out = []
     fl = a.family_leverage
-    if fl is None or fl["group"].nunique() < 2:
-        return
+    if fl is not None and fl["group"].nunique() >= 2:
+        out.append((fl.rename(columns={"leverage": "EL"})[["group", "at_compute", "EL"]], "family laws"))
+    sl = a.size_leverage
+    if sl is not None and sl["group"].nunique() >= 2:
+        pts = sl.rename(columns={"C": "at_compute", "compute_leverage": "EL"})[["group", "at_compute", "EL"]]
+        out.append((pts, "cells"))
+    return out
+
+
+def _fit_el_law(a: Analysis, seed: int) -> None:
+    """Tian et al. 2025 Eq. 13 over the families' measured leverages (the first of `_el_points` that varies A,
+    G and C enough; whole families resampled); skipped with every candidate's reason otherwise."""
     what = "efficiency-leverage law (Tian et al. 2025 Eq. 13)"
+    candidates = _el_points(a)
+    if not candidates:
+        return
     moe = a.trials[a.trials["usable"] & (a.trials["family"] == "moe")]
     design = _design(moe).groupby(moe["group"]).first()
-    pts = fl.join(design, on="group")
-    pts = pts[np.isfinite(pts["leverage"]) & np.isfinite(pts["A"]) & np.isfinite(pts["G_paper"])]
-    try:
-        a.el_law = fit_efficiency_leverage(pts["A"], pts["G_paper"], pts["at_compute"], pts["leverage"],
-                                           groups=pts["group"], G_moelab=pts["G_moelab"], n_boot=a.n_boot,
-                                           confidence=a.confidence, seed=seed)
-    except ValueError as e:
-        a.skip(what, f"{e} (needs the families' activation ratio, granularity and budget to vary)", "moe",
-               "efficiency_leverage")
+    reasons = []
+    for pts, source in candidates:
+        pts = pts.join(design, on="group")
+        pts = pts[np.isfinite(pts["EL"]) & (pts["EL"] > 0) & np.isfinite(pts["A"]) & np.isfinite(pts["G_paper"])]
+        try:
+            a.el_law = fit_efficiency_leverage(pts["A"], pts["G_paper"], pts["at_compute"], pts["EL"],
+                                               groups=pts["group"], G_moelab=pts["G_moelab"], n_boot=a.n_boot,
+                                               confidence=a.confidence, seed=seed)
+        except ValueError as e:
+            reasons.append(f"from {source}: {e}")
+            continue
+        a.el_law.points = source
+        if source == "cells":
+            a.notes.append(f"{what}: fitted on each (family, size, budget) cell's compute leverage"
+                           + (f" (the families' own laws could not fit it: {reasons[0]})" if reasons else
+                              ", since fewer than two families ran at enough sizes and budgets for a law of "
+                              "their own"))
+        return
+    a.skip(what, "; ".join(reasons) + " (needs the families' activation ratio, granularity and budget to vary)",
+           "moe", "efficiency_leverage")
 
 
 def _fit_granularity(a: Analysis, cp: pd.DataFrame) -> None:
@@ -678,6 +743,8 @@ def _law_row(a: Analysis, g: str, fit: ChinchillaFit) -> list[dict[str, Any]]:
     d = fit.to_dict()
     params = {k: d[k] for k in ("E", "A", "B", "alpha", "beta", "objective", "n_range", "d_range", "huber_delta")}
     params.update(n_column=a.n_column, loss=a.loss, n_opt_exponent=fit.beta / (fit.alpha + fit.beta))
+    if g == "dense" and a.data_floor is not None:
+        params["data_floor"] = {k: a.data_floor[k] for k in ("bayes_loss", "entropy_rate", "seq_len", "describe")}
     rows = [{"family": g, "law": "chinchilla", "scope": "law", "status": "ok", "parameters": params,
              "intervals": d["intervals"], "n_points": fit.n_points}]
     fpt = a.fpt[g]

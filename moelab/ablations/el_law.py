@@ -344,6 +344,8 @@ class ELFit:
     intervals at ``confidence`` (None without bootstrap). draws: (n_boot, 6) bootstrap constants in EL_PARAMS
     order, resampling whole groups (None without bootstrap). fit_range: {"C", "A", "G", "EL", optionally
     "G_moelab"}: [min, max] of the points fitted. n_points / n_groups: points and groups behind the fit.
+    points: what the EL values were ("family laws": each family's efficiency leverage from its own law;
+    "cells": each (family, size, budget) cell's compute leverage; "given": passed in directly).
     """
 
     params: dict[str, float]
@@ -356,6 +358,7 @@ class ELFit:
     confidence: float = 0.95
     huber_delta: float = 0.1
     el_max: float | None = None
+    points: str = "given"
 
     def predict(self, A: Any, G: Any, C: Any) -> np.ndarray:
         """EL at (A, G, C) (broadcast shape)."""
@@ -463,6 +466,7 @@ def el_law_rows(fit: ELFit) -> list[dict]:
         "huber_delta": fit.huber_delta,
         "el_max": fit.el_max,
         "n_groups": fit.n_groups,
+        "points": fit.points,
         "draws": None if fit.draws is None else fit.draws.tolist(),
     })
     return [{
@@ -470,7 +474,8 @@ def el_law_rows(fit: ELFit) -> list[dict]:
         "parameters": parameters, "intervals": fit.intervals, "n_points": fit.n_points,
         "n_boot": 0 if fit.draws is None else len(fit.draws), "confidence": fit.confidence,
         "at_compute": None,
-        "message": f"fitted on {fit.n_points} points in {fit.n_groups} groups; bootstrap resamples whole groups",
+        "message": f"fitted on {fit.n_points} points ({fit.points}) in {fit.n_groups} groups; bootstrap resamples "
+                   f"whole groups",
     }]
 
 

@@ -130,6 +130,22 @@ def _effect_lines(a: Analysis) -> list[str]:
     return lines
 
 
+def _floor_lines(a: Analysis, fit: Any) -> list[str]:
+    """E beside the synthetic source's Bayes-optimal loss: on data whose floor is known, a sound design's E
+    recovers it (within a few percent); a distant E means the runs do not pin the law's asymptote."""
+    fl = a.data_floor
+    if fl is None:
+        return []
+    bayes, E = fl["bayes_loss"], fit.E
+    lo, hi = (fit.intervals or {}).get("E", (None, None))
+    covered = lo is not None and hi is not None and lo <= bayes <= hi
+    verdict = ("agrees within 5%" if abs(E / bayes - 1) <= 0.05 else
+               "does not agree: the runs stop too far above the floor to pin the law's asymptote")
+    return [f"  E = {_fmt(E)}{_interval_text(lo, hi)} against the data's Bayes-optimal loss {bayes:.4f} "
+            f"({fl['describe']}, seq {fl['seq_len']}): E is {E / bayes - 1:+.1%} off, {verdict}"
+            + ("" if lo is None else f"; the interval {'covers' if covered else 'misses'} it")]
+
+
 def summary_text(a: Analysis, *, notes: bool = True) -> str:
     """A short plain-text summary for the terminal (notes and skipped fits last, unless notes=False)."""
     t = a.trials
@@ -150,12 +166,14 @@ def summary_text(a: Analysis, *, notes: bool = True) -> str:
         parts = [f"{k}={_fmt(getattr(f, k))}{_interval_text(*iv.get(k, (None, None)))}"
                  for k in ("E", "A", "B", "alpha", "beta")]
         lines.append(f"{g} L(N,D) = E + A/N^alpha + B/D^beta ({f.n_points} points, {pct} CI): " + ", ".join(parts))
+        if g == "dense":
+            lines += _floor_lines(a, f)
     lines += _leverage_lines(a)
     if a.el_law is not None:
         f, iv = a.el_law, a.el_law.intervals or {}
         parts = [f"{k}={_fmt(v)}{_interval_text(*iv.get(k, (None, None)))}" for k, v in f.params.items()]
-        lines.append(f"efficiency-leverage law (Tian et al. 2025 Eq. 13, {f.n_points} points in {f.n_groups} "
-                     f"families): " + ", ".join(parts) + f"; optimal G = 2 d_model / d_expert = "
+        lines.append(f"efficiency-leverage law (Tian et al. 2025 Eq. 13, {f.n_points} points from {f.points} in "
+                     f"{f.n_groups} families): " + ", ".join(parts) + f"; optimal G = 2 d_model / d_expert = "
                      f"{_fmt(f.optimal_granularity())} (`moelab advise --fits` uses it)")
     if a.granularity is not None:
         g = a.granularity

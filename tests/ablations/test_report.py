@@ -112,7 +112,12 @@ def test_fits_table_written_and_readable(fitted):
     assert set(fits["sweep"]) == {"synthetic"}
     assert {"chinchilla", "power_law", "parameter_leverage", "compute_leverage"} <= set(fits["law"])
     skipped = fits[fits["status"] == "skipped"]
-    assert set(skipped["law"]) == {"chinchilla"} and skipped["message"].str.contains("its own law").all()
+    own = skipped[skipped["law"] == "chinchilla"]
+    assert len(own) and own["message"].str.contains("its own law").all()
+    # the families vary A (8 vs 16 experts) but not G: Eq. 13 is skipped, saying what is missing
+    el = skipped[skipped["law"] == "efficiency_leverage"]
+    assert set(skipped["law"]) == {"chinchilla", "efficiency_leverage"} and len(el) == 1
+    assert el["message"].str.contains("G has 1 distinct value").all()
     dense = fits[(fits["family"] == "dense") & (fits["law"] == "chinchilla")].iloc[0]
     params = json.loads(dense["parameters"])
     assert params["alpha"] == pytest.approx(a.dense_fit.alpha)
@@ -139,7 +144,7 @@ def test_fits_table_written_and_readable(fitted):
             f"WHERE law = 'chinchilla'").fetchone()[0]
     finally:
         con.close()
-    assert n == len(fits) and laws == 4
+    assert n == len(fits) and laws == 5  # chinchilla, power_law, two leverages, the skipped efficiency_leverage
     assert alpha == pytest.approx(a.dense_fit.alpha)
 
 
