@@ -268,6 +268,7 @@ class LiveLine:
 
 def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     from moelab.platform.spec import SpecError, expand, format_trials, load_spec
+    from moelab.platform.store import redact_uri
 
     try:
         sets = parse_sets(args.set or [])
@@ -283,7 +284,7 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
     if args.dry_run:
         print(f"sweep {spec.name}" + (f": {spec.description}" if spec.description else ""))
         print(format_trials(trials))
-        print(f"storage: {root}")
+        print(f"storage: {redact_uri(root)}")
         return 0
     from moelab.platform.controller import SweepError, format_report, run_sweep
     from moelab.platform.sink import WandbUnavailable
@@ -298,8 +299,8 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         return 2
     except KeyboardInterrupt:
         live.close()
-        print(f"moelab sweep: interrupted; finish with: moelab sweep {args.sweep} --storage {root} --resume",
-              file=sys.stderr)
+        print(f"moelab sweep: interrupted; finish with: moelab sweep {args.sweep} --storage {redact_uri(root)} "
+              f"--resume", file=sys.stderr)
         return 130
     live.close()
     print(format_report(report))

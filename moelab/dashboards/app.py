@@ -38,8 +38,8 @@ from collections.abc import Iterable
 import dash
 
 from moelab.dashboards.callbacks import register
-from moelab.dashboards.inputs import (LOOPBACK_HOSTS, MAX_REQUEST_BYTES, VIEWS, RefusedInput, checked,
-                                      encode_state, guard_requests, parse_state, shown_uri)
+from moelab.dashboards.inputs import (LOOPBACK_HOSTS, MAX_REQUEST_BYTES, REQUEST_TIMEOUT_S, VIEWS, RefusedInput,
+                                      checked, encode_state, guard_requests, parse_state, shown_uri)
 from moelab.dashboards.layout import page
 from moelab.dashboards.reader import Reader
 from moelab.dashboards.trials import latest_sweep
@@ -53,13 +53,15 @@ log = logging.getLogger("moelab.dashboards")
 
 
 def create_app(root: str | os.PathLike, *, refresh_s: float = 10.0, prewarm: bool = True,
-               title: str = "moelab results", allowed_hosts: Iterable[str] = ()) -> dash.Dash:
+               title: str = "moelab results", allowed_hosts: Iterable[str] = (),
+               request_timeout_s: float = REQUEST_TIMEOUT_S) -> dash.Dash:
     """A Dash app showing the store under `root` (a directory or a pyarrow.fs URI). The root need not exist
     yet: the page says so and picks it up on a later refresh. `prewarm` reads the trials and the newest
     sweep's loss curves in a background thread so the first page load is fast.
 
     Requests whose Host header names neither a loopback name nor one of `allowed_hosts` ("*": any) get 403,
-    and request bodies over MAX_REQUEST_BYTES get 413."""
+    and request bodies over MAX_REQUEST_BYTES get 413; a view that takes longer than `request_timeout_s` to
+    compute answers with a message instead."""
     reader = Reader(root)
     app = dash.Dash(__name__, title=title, update_title=None, suppress_callback_exceptions=False)
     app.reader = reader  # for tests and notebooks
@@ -67,7 +69,7 @@ def create_app(root: str | os.PathLike, *, refresh_s: float = 10.0, prewarm: boo
     views = Views(reader)
     app.views = views
     app.layout = page(title, reader.display_uri, refresh_s)
-    register(app, reader, views, refresh_s)
+    register(app, reader, views, refresh_s, request_timeout_s)
     if prewarm:
         threading.Thread(target=_prewarm, args=(reader,), daemon=True, name="dashboard-prewarm").start()
     return app

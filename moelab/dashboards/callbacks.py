@@ -13,6 +13,8 @@
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Any, Callable
 
 import dash
@@ -33,10 +35,11 @@ __all__ = ["register", "register_sync", "register_views", "register_downloads"]
 log = logging.getLogger("moelab.dashboards")
 
 
-def register(app: dash.Dash, reader: Reader, views: Views, refresh_s: float) -> None:
-    """All of the app's callbacks."""
+def register(app: dash.Dash, reader: Reader, views: Views, refresh_s: float,
+             timeout_s: float = inputs.REQUEST_TIMEOUT_S) -> None:
+    """All of the app's callbacks; a view answers within `timeout_s` seconds (else with a message)."""
     register_sync(app, reader, refresh_s)
-    register_views(app, reader, views)
+    register_views(app, reader, views, timeout_s)
     register_downloads(app, reader, views)
 
 
@@ -118,27 +121,42 @@ def register_sync(app: dash.Dash, reader: Reader, refresh_s: float) -> None:
 # The views
 
 
-def register_views(app: dash.Dash, reader: Reader, views: Views) -> None:
+def register_views(app: dash.Dash, reader: Reader, views: Views,
+                   timeout_s: float = inputs.REQUEST_TIMEOUT_S) -> None:
     """One callback per view (and the runs table's quick filter, and the Scaling view's EL surface)."""
+    # Views compute on a small pool so that a request can stop waiting: Python cannot stop a thread, but the
+    # request returns a message after timeout_s and at most `max_workers` views compute at once.
+    pool = ThreadPoolExecutor(max_workers=4, thread_name_prefix="dashboard-view")
 
     def guarded(view: str, fallback: Callable[[str], tuple]) -> Callable:
         """Compute only while `view` is shown; skip a timer refresh when the sweep's files did not change;
         turn errors into a message (StoreUnavailable: its text; others: the type and message, traceback
-        logged). The wrapped function gets (sweep, trials, *own inputs) and returns its outputs; the version
-        store is appended."""
+        logged), and a view that takes longer than timeout_s into one too. The wrapped function gets (sweep,
+        trials, *own inputs) and returns its outputs; the version store is appended."""
         def deco(fn: Callable) -> Callable:
             def run(current_view: str, sweep: str | None, status: list[str], family: list[str], _tick: Any,
                     *args: Any) -> tuple:
-                *own, version = args
                 if current_view != view:
                     raise PreventUpdate
+                tick = ctx.triggered_id == "tick"  # Dash's ctx lives in the request's thread: read it here
+                future = pool.submit(compute, sweep, status, family, tick, *args)
+                try:
+                    return future.result(timeout=timeout_s)
+                except FutureTimeout:
+                    future.cancel()
+                    log.warning("dashboard view %s of sweep %r took longer than %g s", view, sweep, timeout_s)
+                    return (*fallback(f"This view took longer than {timeout_s:g} s to read (a slow or very "
+                                      f"large store); it is still being read: try again in a moment."), None)
+
+            def compute(sweep: str | None, status: list[str], family: list[str], tick: bool, *args: Any) -> tuple:
+                *own, version = args
                 try:
                     if sweep is None:
                         reader.trials()  # raises StoreUnavailable with the reason, if that is the reason
                         return (*fallback("No sweep to show yet."), None)
                     inputs.checked(reader, sweep=sweep)
                     now = reader.version(sweep)
-                    if ctx.triggered_id == "tick" and version == now:
+                    if tick and version == now:
                         raise PreventUpdate
                     trials = views.trials(sweep, status, family)
                     if not len(trials):

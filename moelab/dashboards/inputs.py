@@ -62,6 +62,9 @@ GROUP_SEEDS = "seeds"  # the URL's token for ALL_BUT_SEED
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 # A callback request carries control values only (the tables travel in responses): a larger body is not ours.
 MAX_REQUEST_BYTES = 1 << 20
+# A view that has not answered in this time gets a message instead (its work finishes in the background):
+# one slow or hostile store path must not hold the page, or a request thread, without bound.
+REQUEST_TIMEOUT_S = 30.0
 # The largest compute budget the EL surface accepts (FLOPs): far beyond any training run, and small enough
 # that log10 C and the law's power stay ordinary floats.
 MAX_BUDGET = 1e40

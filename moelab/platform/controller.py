@@ -71,7 +71,7 @@ import pyarrow.fs as pafs
 
 from moelab.platform.progress import SweepProgress, make_progress
 from moelab.platform.spec import SpecError, SweepSpec, Trial, expand, load_spec
-from moelab.platform.store import Store, list_files, resolve_root
+from moelab.platform.store import LeaseHeld, Store, list_files, redact_uri, resolve_root
 from moelab.platform.worker import RunPlace, trial_in_tune
 from moelab.trainers.config import RunConfig, from_dict, to_dict
 
@@ -317,23 +317,27 @@ def format_report(report: SweepReport) -> str:
     lines = ["  ".join(c.ljust(w) for c, w in zip(x, widths)).rstrip() for x in [head, *rows]]
     counts = ", ".join(f"{n} {s}" for s, n in sorted(report.counts().items()))
     lines.append(f"sweep {report.sweep}: {len(report.status)} trials ({counts}); ran {len(report.ran)}, "
-                 f"skipped {len(report.skipped)} already done; {report.wall_s:.1f} s; results in {report.root}")
+                 f"skipped {len(report.skipped)} already done; {report.wall_s:.1f} s; "
+                 f"results in {redact_uri(report.root)}")
     return "\n".join(lines)
 
 
 def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None, resume: bool = False,
               max_concurrent: int | None = None, wandb: bool = False, worker_retries: int = 1,
               trial_retries: int = 1, log: Callable[[str], None] | None = None, verbose: bool = True,
-              progress: Callable[[SweepProgress], None] | None = None) -> SweepReport:
+              progress: Callable[[SweepProgress], None] | None = None,
+              lease_kw: dict[str, Any] | None = None) -> SweepReport:
     """Run (or, with resume=True, finish) a sweep; returns its report. Raises SpecError for a bad sweep
-    (before Ray starts), SweepError when it cannot start, WandbUnavailable for wandb=True without wandb.
+    (before Ray starts), SweepError when it cannot start (another live process writes the sweep: the error
+    names it), WandbUnavailable for wandb=True without wandb.
 
     storage: the root (default the spec's `storage`); max_concurrent: trials at once (default: what the
     cluster holds); worker_retries: restarts of a trial's worker group (Ray Train); trial_retries: reruns
     of a trial whose run failed (Tune; a trial that trains inside its Tune trial has no worker group, so
     it gets both counts as reruns); log: sweep lines, and with verbose=True one line per trial event
     (default: print to stderr); progress: called with the sweep's state at every trial start and end and
-    about once a second in between.
+    about once a second in between. lease_kw: options of the sweep's one-writer lease (`Store.lease`: ttl_s,
+    heartbeat_s, settle_s).
     """
     t0 = time.time()
     if wandb:
@@ -350,14 +354,33 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None
         raise SpecError(f"--max-concurrent: got {max_concurrent}; allowed: >= 1")
 
     store = Store(root)
+    # One writer per sweep: a second `--resume` of a running sweep would hide the first one's rows. The lease is
+    # taken before the stored state is read, so what this run resumes from cannot change under it.
+    lease = store.lease(spec.name, **(lease_kw or {}))
+    try:
+        lease.acquire()
+    except LeaseHeld as e:
+        raise SweepError(str(e)) from None
+    try:
+        return _run_leased(spec, trials, by_id, root, store, lease, resume, max_concurrent, wandb, worker_retries,
+                           trial_retries, say, verbose, progress, t0)
+    finally:
+        lease.release()
+
+
+def _run_leased(spec: SweepSpec, trials: list[Trial], by_id: dict[str, Trial], root: str, store: Store, lease: Any,
+                resume: bool, max_concurrent: int | None, wandb: bool, worker_retries: int, trial_retries: int,
+                say: Callable[[str], None], verbose: bool, progress: Callable[[SweepProgress], None] | None,
+                t0: float) -> SweepReport:
     ray_fs, ray_path, scratch = _storage(root, spec.name)
     stored = {tid: row for tid in by_id if (row := store.read_trial(spec.name, tid)) is not None}
     n_rows = len(list_files(store.fs, store.root, "trials", [spec.name]))
     if not resume and (n_rows or _exists(ray_fs, ray_path)):
-        raise SweepError(f"sweep {spec.name!r} already has results in {root} ({n_rows} trial rows); "
+        shown = redact_uri(root).rstrip("/")  # a URI's credentials never reach a terminal or a log
+        raise SweepError(f"sweep {spec.name!r} already has results in {shown} ({n_rows} trial rows); "
                          f"finish it with --resume, or pick another --storage (or delete "
-                         f"{root.rstrip('/')}/{{trials,metrics,experts,routing}}/sweep={spec.name} and "
-                         f"{root.rstrip('/')}/{RAY_DIR}/{spec.name})")
+                         f"{shown}/{{trials,metrics,experts,routing}}/sweep={spec.name} and "
+                         f"{shown}/{RAY_DIR}/{spec.name})")
     status = {tid: row.get("status") or "pending" for tid, row in stored.items()}
     checkpoints = {tid: row["checkpoint"] for tid, row in stored.items() if row.get("checkpoint")}
     skipped = [t.trial_id for t in trials if status.get(t.trial_id) in DONE]
@@ -394,6 +417,12 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None
     report.rows = [store.read_trial(spec.name, t.trial_id) or t.row() for t in trials]
     report.status = {r["trial_id"]: r.get("status") or "pending" for r in report.rows}
     report.wall_s = time.time() - t0
+    if lease.lost:
+        rec = lease.read() or {}
+        raise SweepError(f"sweep {spec.name!r}: another process ({rec.get('owner', 'unknown')}) took over its lease "
+                         f"while this run stalled past {lease.ttl_s:.0f} s without a heartbeat; rows written since "
+                         f"may be hidden by the other writer's: let that run finish, then `moelab sweep "
+                         f"{spec.name} --storage {redact_uri(root)} --resume` to redo what is missing")
     return report
 
 
@@ -412,7 +441,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], store: Store, status: dict[str, st
     how = "each inside its Tune trial" if r.in_tune else "each a Ray Train run"
     say(f"sweep {spec.name}: {len(todo)} trials, up to {n} at a time ({r.workers} worker(s) x "
         f"{r.cpus_per_worker:g} CPU{f', {r.gpus_per_worker:g} GPU' if r.gpus_per_worker else ''}, {how}); "
-        f"results in {store.uri}")
+        f"results in {store.display_uri}")
 
     def on_done(tid: str, row: dict[str, Any]) -> None:
         status[tid] = row.get("status") or "failed"

@@ -245,3 +245,30 @@ def test_the_budget_lives_in_the_url(el_app):
     # a refused value never reaches the URL, and the field goes back to empty (the default)
     resp = sync(f"?view=scaling&sweep={info.sweep}", -3, "scaling-budget.value")
     assert "url" not in resp and resp["scaling-budget"]["value"] is None
+
+
+def test_a_slow_view_answers_in_bounded_time(el_app, monkeypatch):
+    """A view stuck reading (a slow or hostile store) does not hold the request: after request_timeout_s it
+    answers with a message, and the next request is served normally once the read is done."""
+    import threading
+    import time
+
+    info, _, _, _ = el_app
+    release = threading.Event()
+    real = Views.el_surface
+
+    def stuck(self, sweep, budget):
+        release.wait(10)
+        return real(self, sweep, budget)
+
+    monkeypatch.setattr(Views, "el_surface", stuck)
+    app = create_app(info.root, refresh_s=0, prewarm=False, request_timeout_s=0.3)
+    client = app.server.test_client()
+    t0 = time.monotonic()
+    code, fig, note = _el_callback(client, info.sweep, 1e21)
+    assert code == 200 and time.monotonic() - t0 < 5
+    assert "took longer than" in note and "try again" in note
+    assert not any(t.get("type") == "heatmap" for t in fig["data"])
+    release.set()
+    code, fig, note = _el_callback(client, info.sweep, 1e21)
+    assert code == 200 and fig["data"][0]["type"] == "heatmap"

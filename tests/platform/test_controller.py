@@ -254,6 +254,49 @@ def test_resuming_a_finished_sweep_runs_nothing(grid):
     assert {t: r["updated_at"] for t, r in after.items()} == {t: r["updated_at"] for t, r in before.items()}
 
 
+def test_a_second_writer_is_refused_naming_the_first(grid_tune):
+    """Two `--resume` runs of one sweep would hide each other's rows: the second stops before it reads the
+    store or starts anything, and says who holds the sweep."""
+    spec = parse_spec(grid_doc("grid", grid_tune.path))
+    holder = Store(grid_tune.root).lease("grid", owner="alice@node7 pid 4242", settle_s=0)
+    with holder:
+        with pytest.raises(SweepError, match="alice@node7 pid 4242") as e:
+            run_sweep(spec, storage=grid_tune.root, resume=True, log=lambda m: None)
+        assert "lapses" in str(e.value)
+    # released: the next resume runs (nothing left to do) and leaves no lease behind
+    report = run_sweep(spec, storage=grid_tune.root, resume=True, log=lambda m: None, lease_kw={"settle_s": 0})
+    assert report.ran == [] and holder.read() is None
+
+
+def test_a_crashed_writers_lease_lapses(grid_tune):
+    spec = parse_spec(grid_doc("grid", grid_tune.path))
+    dead = Store(grid_tune.root).lease("grid", owner="crashed pid 1", settle_s=0, ttl_s=0.01)
+    dead._write()  # a record whose owner never renews it (killed -9)
+    time.sleep(0.05)
+    report = run_sweep(spec, storage=grid_tune.root, resume=True, log=lambda m: None, lease_kw={"settle_s": 0})
+    assert report.ran == [] and dead.read() is None
+
+
+def test_a_lost_lease_is_an_error_not_a_silent_success(grid_tune, monkeypatch):
+    spec = parse_spec(grid_doc("grid", grid_tune.path))
+    real = Store.lease
+
+    def stalled(self, sweep, **kw):
+        lease = real(self, sweep, **kw)
+        acquire = lease.acquire
+
+        def acquire_then_lose():
+            acquire()
+            lease.lost = True  # what the heartbeat sets when another process took the lease over
+            return lease
+        lease.acquire = acquire_then_lose
+        return lease
+
+    monkeypatch.setattr(Store, "lease", stalled)
+    with pytest.raises(SweepError, match="took over its lease"):
+        run_sweep(spec, storage=grid_tune.root, resume=True, log=lambda m: None, lease_kw={"settle_s": 0})
+
+
 TIMING = ["wall_s", "tokens_per_s", "mfu"]  # clocks: the only columns that differ between runs
 
 
@@ -472,3 +515,14 @@ def test_a_trial_in_tune_keeps_its_two_newest_checkpoints_whole(tmp_path):
     trainer = SimpleNamespace(load_checkpoint=loaded.append, out_dir=run)
     assert channel.restore(trainer) == saved[6] == str(root / "checkpoint-00000006") and loaded == [saved[6]]
     assert _TuneChannel(str(tmp_path / "nothing"), None).restore(trainer) is None
+
+
+def test_the_report_never_prints_a_uris_credentials():
+    from moelab.platform.controller import SweepReport
+
+    root = "s3://AKIAEXAMPLE:hunter2secret@bucket/results?session_token=tok123"
+    report = SweepReport(sweep="s", root=root, status={"t": "finished"}, ran=["t"], skipped=[], max_concurrent=1,
+                         wall_s=1.0, rows=[{"trial_id": "t", "status": "finished"}])
+    text = format_report(report)
+    assert "bucket/results" in text
+    assert "hunter2secret" not in text and "tok123" not in text and "AKIAEXAMPLE" not in text
