@@ -59,6 +59,9 @@ from moelab.trainers.moe import MoE
 # Offset of the shuffle's random stream from upcycle.seed: with one seed, the shuffle-on and shuffle-off arms
 # draw the same router, reset positions and noise, and differ only in the partition of the units.
 _SHUFFLE_STREAM = 0x5A17
+# The router has its own stream too: arms of an ablation that differ only in noise or reset (same upcycle.seed)
+# start from the same router, so their paired-by-seed difference is the knob's effect, not a router redraw.
+_ROUTER_STREAM = 0x7E57
 
 
 def scaling_factor(moe: MoEConfig, d_ff: int, d_expert: int, scaling: str | float) -> float:
@@ -106,6 +109,7 @@ def upcycle(dense: Transformer, moe: MoEConfig, cfg: UpcycleConfig | None = None
     F = scaling_factor(moe, d_ff, de, cfg.scaling)
     gen = torch.Generator().manual_seed(cfg.seed)
     shuffle_gen = torch.Generator().manual_seed(cfg.seed + _SHUFFLE_STREAM)
+    router_gen = torch.Generator().manual_seed(cfg.seed + _ROUTER_STREAM)
     model = Transformer(target)
     model.init_weights(cfg.seed)  # fresh values for whatever is not copied (router, random shared experts)
     dense_state = dense.state_dict()
@@ -122,7 +126,7 @@ def upcycle(dense: Transformer, moe: MoEConfig, cfg: UpcycleConfig | None = None
                 continue
             units = expert_units(block.ffn.n_experts, G, d_ff, cfg.shuffle, shuffle_gen)
             _init_experts(block.ffn, gate, up, down, units, F * routed_share, cfg, gen)
-            _init_router(block.ffn, G, cfg, gen)
+            _init_router(block.ffn, G, cfg, router_gen)
             if shared_units is not None:
                 _init_shared(block.ffn, gate, up, down, shared_units, routed_share)
     return model.to(next(dense.parameters()).device)

@@ -148,6 +148,20 @@ def test_reset_ratio_changes_exactly_the_chosen_units():
     assert len(set(chosen)) == 4  # each expert draws its own units
 
 
+def test_noise_and_reset_arms_share_the_router():
+    """Arms that differ only in noise or reset (same upcycle.seed) start from the same router: a paired-by-seed
+    contrast then measures the knob, not a router redraw. Another seed draws another router."""
+    dense = _dense()
+    moe = MoEConfig(n_experts=8, top_k=2, granularity=2)
+    arms = [UpcycleConfig(seed=3), UpcycleConfig(noise_std=1e-2, seed=3), UpcycleConfig(reset_ratio=0.5, seed=3),
+            UpcycleConfig(noise_std=1e-3, reset_ratio=0.05, seed=3)]
+    routers = [upcycle(dense, moe, c).layers[1].ffn.router.weight.detach() for c in arms]
+    for r in routers[1:]:
+        assert torch.equal(r, routers[0])
+    other = upcycle(dense, moe, UpcycleConfig(seed=4)).layers[1].ffn.router.weight.detach()
+    assert not torch.equal(other, routers[0])
+
+
 def test_noise_std_and_seed():
     dense = _dense()
     sigma = 1e-3
