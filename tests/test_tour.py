@@ -2,8 +2,9 @@
 
 The commands are read from the README itself, so a tour that drifts from what works fails here. They run in
 a scratch directory on the session's local Ray; the sweep command gets `--set`/`--seeds` appended so the
-`leverage-demo` sweep (what `make demo` runs) trains for a few steps with one seed: 7 trials instead of 14,
-otherwise the same sweep, fits and report. The store it leaves is then checked table by table, and the
+`leverage-demo` sweep (what `make demo` runs) trains its MoE trials for a few steps with one seed and every
+trial on tiny batches: 16 trials instead of 24 (the dense baselines keep their own step budgets and seeds: the
+sweep file sets them per baseline, after `--set`), otherwise the same sweep, fits and report. The store it leaves is then checked table by table, and the
 sweep is run a second time to show that finished results are reused (what a second `make demo` does).
 """
 
@@ -140,14 +141,19 @@ def test_tour_sweep_fills_every_table(tour):
     spec = load_spec("leverage-demo", common=SHRUNK, seeds=[0])
     ids = {t.trial_id for t in expand(spec)}
     trials = store.trials("leverage-demo")
-    assert set(trials["trial_id"]) == ids and len(ids) == 7  # 3 dense + 2 expert ratios x {scratch, upcycled}
+    # 3 sizes x (200 + 2 seeds x 400 + 800 steps) dense + 2 expert ratios x {scratch, upcycled}
+    assert set(trials["trial_id"]) == ids and len(ids) == 16
     assert set(trials["status"]) == {"finished"}
-    metrics = store.metrics("leverage-demo")
-    assert sorted(set(metrics["step"])) == [2, 4, 6, 8]
-    assert metrics.groupby("trial_id").size().to_dict() == {t: 4 for t in ids}
-    assert metrics["eval_loss"].notna().sum() == 2 * 7  # steps 4 and 8
-    experts = store.experts("leverage-demo")
+    dense = trials.loc[trials["family"] == "dense"].set_index("trial_id")
+    assert sorted(dense["final_step"].tolist()) == [200] * 3 + [400] * 6 + [800] * 3
     moe = set(trials.loc[trials["family"] == "moe", "trial_id"])
+    assert len(moe) == 4
+    metrics = store.metrics("leverage-demo")
+    m = metrics[metrics["trial_id"].isin(moe)]
+    assert sorted(set(m["step"])) == [2, 4, 6, 8]
+    assert m.groupby("trial_id").size().to_dict() == {t: 4 for t in moe}
+    assert m["eval_loss"].notna().sum() == 2 * 4  # steps 4 and 8
+    experts = store.experts("leverage-demo")
     assert set(experts["trial_id"]) == moe
     # every MoE trial's expert loads are fractions summing to 1 per (step, layer)
     sums = experts.groupby(["trial_id", "step", "layer"])["load"].sum()
@@ -192,7 +198,7 @@ def test_a_second_run_reuses_the_finished_results(tour, ray_local):
     env = {**os.environ, **env, "RAY_ADDRESS": ray_local.get_runtime_context().gcs_address}
     before = {p: p.stat().st_mtime_ns for p in (cwd / "results" / "metrics").rglob("*.parquet")}
     out = run([*argv, *SHRINK], cwd, env)
-    assert "ran 0, skipped 7 already done" in out, out[-2000:]
+    assert "ran 0, skipped 16 already done" in out, out[-2000:]
     after = {p: p.stat().st_mtime_ns for p in (cwd / "results" / "metrics").rglob("*.parquet")}
     assert after == before  # no metrics file written or rewritten: nothing was retrained
 

@@ -854,7 +854,8 @@ def check_store(root: str | os.PathLike, *, repair: bool = False, grace_s: float
     * damaged: a visible `.parquet` file that does not read whole, lacks its table's key columns, or is a
       trial file without exactly one row;
     * orphans: temp files (`.tmp-*`) of writes interrupted more than `grace_s` seconds ago, and metric /
-      expert / routing batches of a trial that has no file in `trials` (nothing shows them).
+      expert / routing batches of a trial that has no file in `trials` (nothing shows them) and none in
+      the quarantine either (a trial row moved aside keeps its batches: a second repair must not hide them).
 
     `repair` moves each of them to ROOT/_quarantine/STAMP/<its path under the root>, where no reader looks;
     nothing is deleted, so a file can be moved back by hand. A running sweep may keep writing meanwhile.
@@ -884,6 +885,13 @@ def check_store(root: str | os.PathLike, *, repair: bool = False, grace_s: float
                 report.damaged.append((info.path, why))
             elif table in ("metrics", "experts", "routing"):
                 batches.append((info.path, sweep, name.split(".", 1)[0]))
+    # A trial whose row an earlier --repair moved aside keeps its readable batches where they are: they are
+    # that trial's data (move the row back by hand and they show again), not leftovers to sweep away too.
+    for stamp in _entries(fs, base, f"{base}/{QUARANTINE}"):
+        if stamp.type == pafs.FileType.Directory:
+            for info in list_file_infos(fs, stamp.path, "trials", hidden=True):
+                sweep = info.path.rsplit("/", 2)[-2].removeprefix("sweep=")
+                has_row.setdefault(sweep, set()).add(info.base_name.split(".", 1)[0])
     for path, sweep, tid in batches:
         if tid not in has_row.get(sweep, set()):
             report.orphans.append((path, f"trial {tid} has no row in trials/sweep={sweep}"))
@@ -912,7 +920,8 @@ LEASES = "_leases"  # ROOT/_leases/SWEEP.json: who writes the sweep; no reader l
 class Lease:
     """The right to write one sweep, held by one process: a small JSON record at ROOT/_leases/SWEEP.json with
     owner, host, pid and a heartbeat that a background thread renews every `heartbeat_s`. A lease whose
-    heartbeat is older than `ttl_s` (its owner crashed) may be taken over. Use as a context manager, or call
+    heartbeat is older than `ttl_s` (its owner crashed) may be taken over, and so may one whose owner ran on
+    this host and is no longer running. Use as a context manager, or call
     `release()`; `lost` turns true if another process took the lease over (this one stalled past ttl_s).
 
     Acquiring writes the record, waits `settle_s` and reads it back: of two processes acquiring at the same
@@ -983,9 +992,28 @@ class Lease:
             f"{max(float(rec.get('ttl_s', 0)) - age, 0):.0f} s from now (or delete {self.path})")
 
     # -- holding it -----------------------------------------------------------------------------------------------
+    def _dead_here(self, rec: dict[str, Any]) -> bool:
+        """The owner ran on this host and its process is gone (killed -9, out of memory): its lease need not
+        run out its ttl. A reused pid reads as alive, which only means waiting for the ttl."""
+        if rec.get("host") != self.host:
+            return False
+        try:
+            pid = int(rec.get("pid"))
+        except (TypeError, ValueError):
+            return False
+        if pid <= 0 or pid == self.pid:
+            return False
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        except (PermissionError, OSError):
+            return False
+        return False
+
     def acquire(self) -> "Lease":
         rec = self.read()
-        if self.live(rec) and rec.get("token") != self.token:
+        if self.live(rec) and rec.get("token") != self.token and not self._dead_here(rec):
             raise self._held_by(rec)
         self._write()
         if self.settle_s > 0:

@@ -4,6 +4,8 @@ and `moelab store check`, two writers of one sweep."""
 
 import os
 import threading
+import subprocess
+import sys
 import time
 import warnings
 
@@ -430,6 +432,26 @@ def test_store_check_lists_and_quarantines(tmp_path, capsys):
     assert "moelab store check results/ --repair" in capsys.readouterr().out
 
 
+def test_a_second_repair_keeps_the_batches_of_a_quarantined_trial_row(tmp_path):
+    """A damaged trial row is moved aside; the trial's readable metric batches are its data (shown again when
+    the row is moved back), so a second repair must not sweep them away as orphans."""
+    root = tmp_path / "store"
+    st = Store(root)
+    st.write_trial({"sweep": "sw", "trial_id": "c", "status": "finished"})
+    st.append_metrics("sw", "c", 0, rows([1, 2]))
+    st.flush()
+    row = root / "trials" / "sweep=sw" / "c.parquet"
+    row.write_bytes(row.read_bytes()[:40])
+    first = check_store(root, repair=True)
+    assert [p for p, _ in first.damaged] == [str(row)] and not first.orphans
+    second = check_store(root, repair=True)
+    assert second.ok and not second.moved
+    assert len(list((root / "metrics" / "sweep=sw").glob("c.*.parquet"))) == 1
+    st.append_metrics("sw", "ghost", 0, rows([1]))  # a batch whose trial never had a row is still an orphan
+    st.flush()
+    assert {p.rsplit("/", 1)[1].split(".")[0] for p, _ in check_store(root).orphans} == {"ghost"}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # One writer per sweep
 
@@ -457,6 +479,29 @@ def test_a_crashed_owner_releases_once_its_heartbeat_lapses(tmp_path):
         assert lease.read()["owner"] == "next"
         crashed.release()  # a late release of the crashed one must not remove the new owner's lease
         assert lease.read()["owner"] == "next"
+
+
+def test_a_killed_owner_on_this_host_frees_the_lease_at_once(tmp_path):
+    """kill -9 / the OOM killer: the owner's process is gone, so `--resume` need not wait out its ttl. An owner
+    on another host (whose pid means nothing here) still holds it until its heartbeat lapses."""
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True, check=True)
+    pid = int(gone.stdout)  # exited: no such process now
+    dead = Store(tmp_path).lease("sw", owner=f"killed pid {pid}", settle_s=0)
+    dead.pid = pid
+    dead._write()
+    with Store(tmp_path).lease("sw", owner="next", settle_s=0) as lease:
+        assert lease.read()["owner"] == "next"
+    elsewhere = Store(tmp_path).lease("sw", owner=f"remote pid {pid}", settle_s=0)
+    elsewhere.pid, elsewhere.host = pid, "another-host.example"
+    elsewhere._write()
+    with pytest.raises(LeaseHeld, match="remote pid"):
+        Store(tmp_path).lease("sw", settle_s=0).acquire()
+    alive = Store(tmp_path).lease("sw", owner=f"alive pid {os.getppid()}", settle_s=0)
+    alive.pid = os.getppid()  # a live process on this host (this test's parent)
+    alive._write()
+    with pytest.raises(LeaseHeld, match="alive pid"):
+        Store(tmp_path).lease("sw", settle_s=0).acquire()
 
 
 def test_an_owner_that_was_taken_over_knows_it(tmp_path):
