@@ -660,6 +660,7 @@ def _fit_el_law(a: Analysis, seed: int) -> None:
             reasons.append(f"from {source}: {e}")
             continue
         a.el_law.points = source
+        a.notes += _el_regime(a.el_law, pts)
         if source == "cells":
             a.notes.append(f"{what}: fitted on each (family, size, budget) cell's compute leverage"
                            + (f" (the families' own laws could not fit it: {reasons[0]})" if reasons else
@@ -668,6 +669,23 @@ def _fit_el_law(a: Analysis, seed: int) -> None:
         return
     a.skip(what, "; ".join(reasons) + " (needs the families' activation ratio, granularity and budget to vary)",
            "moe", "efficiency_leverage")
+
+
+def _el_regime(fit: ELFit, pts: pd.DataFrame) -> list[str]:
+    """Notes when the data sit outside the regime Eq. 13 describes, so its constants are not comparable with
+    Tian et al.'s Table 2: leverages below 1 (the law gives EL < 1 only with A_hat > 1), or a fitted A_start
+    at or above the smallest measured A (EL then saturates before the data's own activation ratios)."""
+    notes = []
+    below = int((pts["EL"] < 1).sum())
+    if below:
+        notes.append(f"efficiency-leverage law: {below} of {len(pts)} points have EL < 1 (the MoE needed more compute "
+                     f"than dense for its loss), a regime Eq. 13 reaches only with A_hat > 1: read the fitted "
+                     f"constants as a description of these points, not as Tian et al.'s Table 2 quantities")
+    if fit.params["A_start"] >= float(pts["A"].min()):
+        notes.append(f"efficiency-leverage law: fitted A_start = {fit.params['A_start']:.3g} is at or above the "
+                     f"smallest activation ratio measured ({float(pts['A'].min()):.3g}): the law's saturation is "
+                     f"not seen in these data")
+    return notes
 
 
 def _fit_granularity(a: Analysis, cp: pd.DataFrame) -> None:

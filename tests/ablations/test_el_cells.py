@@ -224,3 +224,23 @@ def test_two_families_with_laws_do_not_hide_the_cells_of_all_nine():
     assert a.family_leverage is not None and a.family_leverage["group"].nunique() == 2
     assert a.el_law is not None and a.el_law.points == "cells" and a.el_law.n_groups == 9
     assert any("families' own laws could not fit it" in n for n in a.notes)
+
+
+def test_points_outside_the_laws_regime_are_said_so():
+    """EL < 1 or an A_start above the measured A: the fitted constants describe the points but are not
+    Table 2's quantities, and the analysis says why; a world inside the regime gets no such note."""
+    from moelab.ablations.analysis import _el_regime
+    from moelab.ablations.el_law import PAPER_EL_PARAMS, ELFit
+
+    fit = ELFit(params=dict(PAPER_EL_PARAMS), objective=0.0, n_points=4, n_groups=2, fit_range={})
+    inside = pd.DataFrame({"EL": [1.4, 2.0, 3.1, 1.2], "A": [0.5, 0.25, 0.125, 0.5]})
+    assert _el_regime(fit, inside) == []
+    below = inside.assign(EL=[0.7, 2.0, 3.1, 0.4])
+    [note] = _el_regime(fit, below)
+    assert "2 of 4 points have EL < 1" in note
+    saturated = ELFit(params={**PAPER_EL_PARAMS, "A_start": 0.99}, objective=0.0, n_points=4, n_groups=2,
+                      fit_range={})
+    notes = _el_regime(saturated, below)
+    assert len(notes) == 2 and "A_start = 0.99" in notes[1] and "(0.125)" in notes[1]
+    a = analyse_trials(planted_world()[0], n_boot=0, seed=0)
+    assert not any("regime" in n or "A_start =" in n for n in a.notes)
