@@ -259,7 +259,8 @@ def test_missing_file_and_catalogue_names(tmp_path):
     assert catalogue_path("noise").name == "noise.yaml"
 
 
-EXPECTED = {"noise", "reset", "granularity", "expert-ratio", "scaling", "expert-lr", "dense-ladder", "leverage-demo"}
+EXPECTED = {"noise", "reset", "granularity", "expert-ratio", "scaling", "expert-lr", "dense-ladder", "leverage-demo",
+            "efficiency-leverage"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -298,11 +299,24 @@ def test_leverage_demo_is_small_and_complete():
     assert len({t.params_total for t in dense}) >= 3
     assert {t.config.model.moe.n_experts // t.config.model.moe.top_k for t in moe} == {4, 8}
     assert {t.upcycle_from for t in moe} == {None, "ladder-2"}
-    assert {t.seed for t in trials} == {0, 1}
+    assert {t.seed for t in moe} == {0, 1, 2}  # seed noise with 2 degrees of freedom per family
+    # the dense law sees both of its axes: 3 sizes x 3 budgets
+    assert len({(t.params_total, t.config.train.steps) for t in dense}) == 9
     assert all(t.config.data.source == "synthetic" for t in trials)
     # Budget: measured ~1 ms of 1 CPU per 1e10 training FLOPs at this size (ladder-4: 5.7 MFLOP/token x 1024
     # tokens/step in ~125 ms). 10 min on 2 cores = 1200 CPU-s; keep the training itself under a third of it.
     assert sum(t.flops for t in trials) < 2e13
+
+
+def test_efficiency_leverage_sweep_varies_a_g_and_c():
+    from moelab.ablations.el_law import activation_ratio, granularity_paper
+
+    moe = [t for t in expand(load_spec("efficiency-leverage")) if t.family == "moe"]
+    designs = {(activation_ratio(t.config.model), granularity_paper(t.config.model)) for t in moe}
+    assert {a for a, _ in designs} == {0.5, 0.25, 0.125} and len({g for _, g in designs}) == 3 and len(designs) == 9
+    assert {t.preset for t in moe} == {"ladder-2", "ladder-3"}  # two sizes: two budgets per design
+    # at 1 CPU per trial under an hour on a laptop: ~1 ms of 1 CPU per 1e10 FLOPs at these sizes
+    assert sum(t.flops for t in expand(load_spec("efficiency-leverage"))) < 5e13
 
 
 def test_format_trials():
