@@ -170,10 +170,13 @@ def test_tour_fit_writes_a_fits_row_per_family_and_a_self_contained_report(tour)
     fits = results.open(cwd / "results").fits()
     fits = fits[fits["sweep"] == "leverage-demo"]
     families = set(fits["family"])
-    # dense + the 4 MoE families (2 expert ratios x scratch/upcycled)
-    assert "dense" in families and len([f for f in families if f.startswith("moe")]) == 4, families
+    # dense + the 4 MoE families (2 expert ratios x scratch/upcycled) + "moe": the sweep-wide Eq. 13 row
+    # (skipped here: the families vary A but not G, and the row says so)
+    assert "dense" in families and len([f for f in families if f.startswith("moe[")]) == 4, families
+    el = fits[fits["law"] == "efficiency_leverage"]
+    assert set(el["family"]) == {"moe"} and set(el["status"]) == {"skipped"}
     assert {"chinchilla", "parameter_leverage", "compute_leverage"} <= set(fits["law"])
-    for fam in families - {"dense"}:
+    for fam in families - {"dense", "moe"}:
         assert {"parameter_leverage", "compute_leverage"} <= set(fits.loc[fits["family"] == fam, "law"]), fam
     report = cwd / "results" / "reports" / "fit-leverage-demo.html"
     html = report.read_text()

@@ -62,19 +62,23 @@ def test_dry_run_prints_the_trials_without_ray(capsys, no_ray):
 
 
 def test_set_and_seeds_shrink_a_sweep(capsys, no_ray):
-    assert main(["sweep", "leverage-demo", "--dry-run"]) == 0
+    assert main(["sweep", "expert-ratio", "--dry-run"]) == 0
     full = capsys.readouterr().out
-    assert main(["sweep", "leverage-demo", "--dry-run", "--set", "train.steps=10", "--set",
+    assert main(["sweep", "expert-ratio", "--dry-run", "--set", "train.steps=10", "--set",
                  "train.batch_size=2", "--seeds", "1"]) == 0
     small = capsys.readouterr().out
-    assert "14 trials" in full and "7 trials" in small
+    assert "10 trials" in full and "5 trials" in small  # (1 baseline + 4 expert ratios) x 2 seeds, then 1 seed
     assert "-s1-" in small and "-s0-" not in small
     # 10 steps x 2 x the preset's seq_len tokens per trial, printed in the tokens column
     from moelab.platform.spec import expand, load_spec
 
-    trials = expand(load_spec("leverage-demo", common={"train.steps": 10, "train.batch_size": 2}, seeds=[1]))
+    trials = expand(load_spec("expert-ratio", common={"train.steps": 10, "train.batch_size": 2}, seeds=[1]))
     assert {t.config.train.steps for t in trials} == {10} and {t.config.train.batch_size for t in trials} == {2}
     assert {t.trial_id for t in trials}.isdisjoint(full.split())  # new values, new trial ids
+    # a baseline's own steps and seeds come after --set: the leverage demo's budgets survive a shrink
+    demo = expand(load_spec("leverage-demo", common={"train.steps": 10}, seeds=[0]))
+    assert sorted({t.config.train.steps for t in demo if t.family == "dense"}) == [200, 400, 800]
+    assert {t.config.train.steps for t in demo if t.family == "moe"} == {10}
 
 
 @pytest.mark.parametrize("args, needle", [
