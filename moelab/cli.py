@@ -359,6 +359,9 @@ def cmd_store(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     if args.repair:
         print(f"moved {len(report.moved)} file(s) to {redact_uri(args.root).rstrip('/')}/_quarantine/")
+        if report.held:
+            print(f"{len(report.held)} sweep(s) not repaired while their writer runs: run again once it ends")
+            return 1
         return 0
     print("run again with --repair to move them aside")
     return 1

@@ -815,6 +815,7 @@ class CheckReport:
     damaged: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     orphans: list[tuple[str, str]] = field(default_factory=list)  # (path, why)
     moved: dict[str, str] = field(default_factory=dict)  # path -> where --repair put it
+    held: dict[str, str] = field(default_factory=dict)  # sweep -> why --repair left it alone (its writer runs)
 
     @property
     def ok(self) -> bool:
@@ -829,6 +830,8 @@ class CheckReport:
             for path, why in items:
                 dest = self.moved.get(path)
                 lines.append(f"  {kind:8} {rel(path)}: {why}" + (f"\n           -> moved to {rel(dest)}" if dest else ""))
+        for sweep, why in self.held.items():
+            lines.append(f"  not repaired: sweep {sweep}: {why}")
         return "\n".join(lines)
 
 
@@ -858,7 +861,8 @@ def check_store(root: str | os.PathLike, *, repair: bool = False, grace_s: float
       the quarantine either (a trial row moved aside keeps its batches: a second repair must not hide them).
 
     `repair` moves each of them to ROOT/_quarantine/STAMP/<its path under the root>, where no reader looks;
-    nothing is deleted, so a file can be moved back by hand. A running sweep may keep writing meanwhile.
+    nothing is deleted, so a file can be moved back by hand. It holds each sweep's lease while it moves that
+    sweep's files, and leaves alone a sweep whose writer holds it (`held`: sweep -> the owner, for a rerun).
     """
     fs, base = resolve_root(root, filesystem)
     if fs.get_file_info(base).type == pafs.FileType.NotFound:
@@ -897,12 +901,31 @@ def check_store(root: str | os.PathLike, *, repair: bool = False, grace_s: float
             report.orphans.append((path, f"trial {tid} has no row in trials/sweep={sweep}"))
     if repair:
         stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + f"-{uuid.uuid4().hex[:6]}"
+        by_sweep: dict[str, list[str]] = {}
         for path, _ in report.damaged + report.orphans:
-            dest = f"{base}/{QUARANTINE}/{stamp}/{path[len(base) + 1:]}"
-            if isinstance(fs, pafs.LocalFileSystem):
-                fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
-            fs.move(path, dest)
-            report.moved[path] = dest
+            by_sweep.setdefault(path.rsplit("/", 2)[-2].removeprefix("sweep="), []).append(path)
+        store = Store(root, filesystem=filesystem)
+        for sweep, paths in by_sweep.items():
+            # Moving files under a running sweep would race its writes: repair holds the sweep's lease, and
+            # leaves a sweep alone whose writer holds it.
+            lease = store.lease(sweep, owner="moelab store check --repair", settle_s=0.2) \
+                if NAME_RE.match(sweep) else None
+            try:
+                if lease is not None:
+                    lease.acquire()
+            except LeaseHeld as e:
+                report.held[sweep] = str(e)
+                continue
+            try:
+                for path in paths:
+                    dest = f"{base}/{QUARANTINE}/{stamp}/{path[len(base) + 1:]}"
+                    if isinstance(fs, pafs.LocalFileSystem):
+                        fs.create_dir(dest.rsplit("/", 1)[0], recursive=True)
+                    fs.move(path, dest)
+                    report.moved[path] = dest
+            finally:
+                if lease is not None:
+                    lease.release()
     return report
 
 

@@ -541,3 +541,18 @@ def test_the_lease_on_an_object_store(s3_root):
             Store(s3_root).lease("sw", settle_s=0).acquire()
     with Store(s3_root).lease("sw", settle_s=0):
         pass
+
+
+def test_repair_leaves_alone_a_sweep_whose_writer_runs(tmp_path, capsys):
+    """Moving files under a running sweep would race its writes: --repair holds each sweep's lease while it
+    moves that sweep's files, and skips (naming the writer) a sweep whose lease another process holds."""
+    root, _, bad = _damaged_store(tmp_path)
+    with Store(root).lease("sw", owner="bob@node3 pid 77", settle_s=0):
+        report = check_store(root, repair=True)
+        assert not report.moved and "bob@node3 pid 77" in report.held["sw"] and bad.exists()
+        assert main(["store", "check", str(root), "--repair"]) == 1
+        out = capsys.readouterr().out
+        assert "not repaired: sweep sw" in out and "writer runs" in out
+    report = check_store(root, repair=True)  # the writer is gone: now it is repaired
+    assert not report.held and str(bad) in report.moved and not bad.exists()
+    assert Store(root).lease("sw").read() is None  # and repair's own lease is released
