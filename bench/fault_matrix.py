@@ -965,12 +965,17 @@ def worker_killed_runs(rb: RayBench, runs: int, seed: int) -> list[Run]:
             run.outcome = "recovered"
         else:
             run.outcome = "loss"
-        if run.total("changed"):
-            run.detail = (run.detail + "; " if run.detail else "") + \
-                f"{run.total('changed')} rows differ from the fault-free run"
+        _note_changed(run)
         report_run(run)
         out.append(run)
     return out
+
+
+def _note_changed(run: Run) -> None:
+    """Append to a Ray run's detail how many rows differ from the fault-free run, if any."""
+    if run.total("changed"):
+        run.detail = (run.detail + "; " if run.detail else "") + \
+            f"{run.total('changed')} rows differ from the fault-free run"
 
 
 def _popen_sweep(rb: RayBench, spec_path: Path, root: str, log_path: Path, resume: bool = False) -> subprocess.Popen:
@@ -1070,9 +1075,7 @@ def controller_killed_runs(rb: RayBench, runs: int, seed: int) -> list[Run]:
             run.outcome = "loss"
         if rerun_finished:
             run.detail += f"; finished trials rerun: {rerun_finished}"
-        if run.total("changed"):
-            run.detail = (run.detail + "; " if run.detail else "") + \
-                f"{run.total('changed')} rows differ from the fault-free run"
+        _note_changed(run)
         report_run(run)
         out.append(run)
     return out
