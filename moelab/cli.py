@@ -1,4 +1,4 @@
-"""The `moelab` command line: train | sweep | fit | dashboard | store | plan | presets."""
+"""The `moelab` command line: train | export | sweep | fit | dashboard | store | plan | presets | advise."""
 
 from __future__ import annotations
 
@@ -163,6 +163,8 @@ def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
         rc = preset(name)
         m, pc = rc.model, rc.model.param_counts()
         kind = f"moe {m.moe.n_experts}e top-{m.moe.top_k}" if m.moe.enabled else "dense"
+        kind += " mla" if m.attention == "mla" else ""
+        kind += f" mtp{m.mtp_depth}" if m.mtp_depth else ""
         rows.append({"preset": name, "kind": kind, "layers": m.n_layers, "d_model": m.d_model,
                      "total": pc["total"], "active": pc["active"], "non_embedding": pc["non_embedding"],
                      "flops_per_token": m.flops_per_token(rc.train.seq_len), "seq_len": rc.train.seq_len})
@@ -176,12 +178,13 @@ def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
                 return f"{n / s:.2f}{unit}"
         return str(int(n))
 
-    print(f"{'preset':10} {'kind':18} {'L':>3} {'d':>5} {'total':>9} {'active':>9} {'non-emb':>9} {'FLOPs/tok':>10}")
+    print(f"{'preset':12} {'kind':22} {'L':>3} {'d':>5} {'total':>9} {'active':>9} {'non-emb':>9} {'FLOPs/tok':>10}")
     for r in rows:
-        print(f"{r['preset']:10} {r['kind']:18} {r['layers']:>3} {r['d_model']:>5} {h(r['total']):>9} "
+        print(f"{r['preset']:12} {r['kind']:22} {r['layers']:>3} {r['d_model']:>5} {h(r['total']):>9} "
               f"{h(r['active']):>9} {h(r['non_embedding']):>9} {r['flops_per_token']:>10.3g}")
     print("\nFLOPs/token: training (fwd+bwd) = 6 x (active non-embedding params + output head) + attention "
-          "12 x layers x seq_len x d_attn, at the preset's seq_len.")
+          "6 x layers x seq_len x n_heads x (qk + v head widths), at the preset's seq_len; MTP modules add a "
+          "block, a projection and the head each. Counts include them.")
     return 0
 
 
@@ -528,6 +531,44 @@ def cmd_advise(args: argparse.Namespace, extra: list[str]) -> int:
     return 0
 
 
+EXPORT_EXAMPLES = """\
+examples:
+  moelab export runs/moe-tiny-s0 hf/moe-tiny                    # auto: the format that fits (here mixtral)
+  moelab export runs/dense hf/dense --format qwen2 --dtype bfloat16
+  moelab export runs/a/ckpt-00000400 hf/a --force               # a sharded checkpoint; replace hf/a
+  moelab export hf/qwen3-moe hf/qwen3-moe-again                 # a Hugging Face directory, re-exported
+
+Writes OUT_DIR/config.json and model.safetensors (shards + model.safetensors.index.json past
+--max-shard-gb); transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR) computes the same logits, and
+`--init-from OUT_DIR` or moelab.trainers.hf.load_hf read it back. RUN_DIR: a moelab run directory (its newest
+checkpoint: checkpoint.pt or ckpt-<step>/), a checkpoint file or directory, or a Hugging Face directory.
+Formats: auto, llama, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe (MoE). A feature the format
+cannot hold (shared experts in mixtral, sigmoid scores, a capacity factor, non-zero aux-loss-free biases,
+...) is refused, naming the formats that can; nothing is approximated. deepseek_v3 is not supported yet
+(it needs MLA). No tokenizer is written. The directory appears whole or not at all; a non-empty OUT_DIR is
+refused unless --force. Exit status: 0 exported, 2 refused (the message says why)."""
+
+
+def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.trainers.config import ConfigError
+    from moelab.trainers.hf import HFLoadError
+    from moelab.trainers.hf_export import ExportError, export
+
+    if not args.max_shard_gb > 0:
+        print(f"moelab export: --max-shard-gb: got {args.max_shard_gb}; allowed: a positive number", file=sys.stderr)
+        return 2
+    try:
+        r = export(args.run_dir, args.out_dir, args.format, force=args.force, dtype=args.dtype,
+                   max_shard_bytes=int(args.max_shard_gb * 2**30))
+    except (ExportError, ConfigError, HFLoadError, FileNotFoundError) as e:
+        print(f"moelab export: {e}", file=sys.stderr)
+        return 2
+    print(f"exported {args.run_dir} as {r['format']} ({r['params'] / 1e6:.2f}M params, {r['dtype']}) -> "
+          f"{r['out_dir']}: {', '.join(r['files'])}")
+    print(f"load with: transformers.AutoModelForCausalLM.from_pretrained({r['out_dir']!r})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="moelab", description="Train, sweep and analyse Mixture-of-Experts models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -625,6 +666,19 @@ def build_parser() -> argparse.ArgumentParser:
     ck.add_argument("--grace", type=float, default=3600.0, metavar="SECONDS",
                     help="a temp file younger than this may be a write in progress: not an orphan (default 3600)")
     ck.set_defaults(func=cmd_store)
+    ex = sub.add_parser("export", help="write a run's model as a Hugging Face directory (config.json + "
+                                       "safetensors) that transformers loads with the same logits",
+                        epilog=EXPORT_EXAMPLES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ex.add_argument("run_dir", metavar="RUN_DIR", help="a moelab run directory, checkpoint, or Hugging Face dir")
+    ex.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (new or empty, or --force)")
+    ex.add_argument("--format", default="auto", metavar="FORMAT",
+                    help="auto (default), llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe")
+    ex.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
+    ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                    help="tensor dtype written (default: the checkpoint's, float32 for moelab runs)")
+    ex.add_argument("--max-shard-gb", type=float, default=5.0, metavar="GB",
+                    help="split the weights into safetensors shards of at most this many GiB (default 5)")
+    ex.set_defaults(func=cmd_export)
     pr = sub.add_parser("presets", help="list presets with parameter and FLOP counts",
                         epilog="example:\n  moelab presets\n  moelab presets --json",
                         formatter_class=argparse.RawDescriptionHelpFormatter)

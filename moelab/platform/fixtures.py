@@ -89,10 +89,15 @@ def _curves(rng: np.random.Generator, trial: Any, steps: np.ndarray, seed_offset
     mask = ((idx + 1) % every == 0) | (idx == n - 1)
     ev[mask] = clean[mask] + 0.02 + rng.normal(0, 0.005, mask.sum())
     out["eval_loss"] = ev
+    if rc.model.mtp_depth:  # predicting further ahead is harder; no draw from rng (other columns unchanged)
+        out["mtp_loss"] = clean + 0.5
     if trial.family == "moe":
         E, L = rc.model.moe.n_experts, rc.model.n_layers
         out["aux_loss"] = 1.0 + 0.1 * np.exp(-steps / total * 5) + rng.normal(0, 0.005, n)
         out["z_loss"] = 0.5 * np.exp(-steps / total * 3) + 0.01
+        # per-sequence balance sits above the batch-level one (a batch can be balanced while each sequence is
+        # not); no draw from rng, so the other synthetic columns stay as they were
+        out["seq_aux_loss"] = out["aux_loss"] + 0.05 * np.exp(-steps / total * 2)
         out["drop_frac"] = np.zeros(n)
         sharp = 2.0 * np.exp(-steps / total * 4)[:, None, None]
         logits = rng.normal(0, 1, (n, L, E)) * sharp

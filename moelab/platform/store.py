@@ -84,8 +84,9 @@ TMP_PREFIX = ".tmp-"
 METRIC_COLUMNS: dict[str, pa.DataType] = {
     "step": pa.int64(), "tokens": pa.int64(), "flops": pa.float64(), "wall_s": pa.float64(),
     "loss": pa.float64(), "eval_loss": pa.float64(), "lr": pa.float64(), "grad_norm": pa.float64(),
-    "aux_loss": pa.float64(), "z_loss": pa.float64(), "tokens_per_s": pa.float64(), "mfu": pa.float64(),
-    "drop_frac": pa.float64(), "imbalance": pa.float64(), "router_entropy": pa.float64(),
+    "aux_loss": pa.float64(), "z_loss": pa.float64(), "seq_aux_loss": pa.float64(), "tokens_per_s": pa.float64(),
+    "mfu": pa.float64(), "drop_frac": pa.float64(), "imbalance": pa.float64(), "router_entropy": pa.float64(),
+    "mtp_loss": pa.float64(),  # multi-token prediction (model.mtp_depth > 0): mean CE over the depths
 }
 METRICS_SCHEMA = pa.schema([("trial_id", pa.string()), ("attempt", pa.int64()),
                             *[(k, t) for k, t in METRIC_COLUMNS.items()]])

@@ -47,6 +47,14 @@ class MoEConfig:
     aux_loss_coef: float = 0.01  # Switch balance loss a * N * sum_i f_i P_i
     z_loss_coef: float = 0.001  # ST-MoE router z-loss
     bias_update_rate: float = 0.0  # DeepSeek-V3 aux-loss-free bias step gamma; 0 = off
+    # DeepSeek-V3 sequence-wise balance loss (paper Eq. 17-20), coefficient alpha; 0 = off (paper: ~1e-4)
+    seq_aux_loss_coef: float = 0.0
+    # Group-limited (DeepSeek-V3 "node-limited") routing: the E experts form n_group contiguous groups, each
+    # token keeps its topk_group best groups (a group scores the sum of its 2 best biased scores) and picks its
+    # top_k experts inside them. n_group = 1: plain top-k.
+    n_group: int = 1
+    topk_group: int = 1
+    routed_scaling_factor: float = 1.0  # routed gate weights x this, after renormalize (DeepSeek-V3: 2.5)
     capacity_factor: float = 0.0  # 0 = dropless; else capacity = ceil(cf * T * k / E) slots per expert
     dense_layers: tuple[int, ...] = ()  # layer indices that keep a dense FFN (e.g. DeepSeek's first layers)
     force_balanced: bool = False  # tests/debug: route round-robin, ignoring the router (deterministic load)
@@ -58,7 +66,8 @@ class MoEConfig:
 
 @dataclass
 class ModelConfig:
-    """A LLaMA/Qwen-style decoder. Shapes: d_model, heads of `head_dim`, GQA with `n_kv_heads`."""
+    """A LLaMA/Qwen-style decoder. Shapes: d_model, heads of `head_dim`, GQA with `n_kv_heads`; or MLA
+    attention (`attention="mla"`, DeepSeek-V2/V3), and multi-token prediction modules (`mtp_depth`)."""
 
     vocab_size: int = 257  # byte tokenizer: 256 bytes + end-of-document
     d_model: int = 64
@@ -74,6 +83,20 @@ class ModelConfig:
     qk_norm: Literal["none", "full", "head"] = "none"  # full: over all heads (OLMoE); head: per head
     tie_embeddings: bool = False
     init_std: float = 0.02
+    # "gqa": grouped-query attention (n_kv_heads, head_dim, qkv_bias, qk_norm above). "mla": Multi-head Latent
+    # Attention (DeepSeek-V2 §2.1): every head's key and value are decompressed from one latent per token, and
+    # position enters through a separate RoPE'd part of query and key. The MLA widths below, 0 = derived from
+    # head_dim with DeepSeek-V2/V3's ratios (nope = v = head_dim, rope = head_dim / 2, kv latent = 4 head_dim;
+    # there 128 / 64 / 128 / 512). Each must stay 0 with "gqa".
+    attention: Literal["gqa", "mla"] = "gqa"
+    q_lora_rank: int = 0  # MLA query latent width; 0 = a full-rank query projection (as DeepSeek-V2-Lite)
+    kv_lora_rank: int = 0  # MLA key/value latent width (the KV cache holds this + qk_rope_head_dim per token)
+    qk_nope_head_dim: int = 0  # MLA per-head query/key features without position
+    qk_rope_head_dim: int = 0  # MLA per-head query features under RoPE; the key's are one head shared by all
+    v_head_dim: int = 0  # MLA per-head value width
+    # Multi-token prediction (DeepSeek-V3 §2.2): D sequential modules after the model, module j predicting
+    # token t+j+1 through the shared embedding and output head; 0 = off. Its loss weight is train.mtp_loss_weight.
+    mtp_depth: int = 0
     moe: MoEConfig = field(default_factory=MoEConfig)
 
     # -- derived ------------------------------------------------------------------------------------------
@@ -97,6 +120,39 @@ class ModelConfig:
     def is_moe_layer(self, i: int) -> bool:
         return self.moe.enabled and i not in self.moe.dense_layers
 
+    @property
+    def mtp_is_moe(self) -> bool:
+        """An MTP module's block has the FFN the main model's last layer has (DeepSeek-V3's MTP block is one
+        of its MoE blocks): MoE unless that layer is dense."""
+        return self.is_moe_layer(self.n_layers - 1)
+
+    # Attention widths, per head. GQA: queries, keys and values of head_dim, all under RoPE. MLA: query and key
+    # of qk_nope + qk_rope features (only the rope part rotated), values of v_head_dim.
+    @property
+    def qk_rope_dim(self) -> int:
+        """Features per query/key head that RoPE rotates (the rotary tables' width)."""
+        if self.attention == "mla":
+            return self.qk_rope_head_dim or self.hd // 2
+        return self.hd
+
+    @property
+    def qk_nope_dim(self) -> int:
+        return (self.qk_nope_head_dim or self.hd) if self.attention == "mla" else 0
+
+    @property
+    def qk_dim(self) -> int:
+        """Query/key width per head: the dot product of the attention scores runs over this many features."""
+        return self.qk_nope_dim + self.qk_rope_dim
+
+    @property
+    def v_dim(self) -> int:
+        return (self.v_head_dim or self.hd) if self.attention == "mla" else self.hd
+
+    @property
+    def kv_rank(self) -> int:
+        """MLA's key/value latent width (0 under GQA)."""
+        return (self.kv_lora_rank or 4 * self.hd) if self.attention == "mla" else 0
+
     def validate(self) -> "ModelConfig":
         m = self.moe
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "d_ff", "max_seq_len"):
@@ -108,10 +164,13 @@ class ModelConfig:
             _fail("model.n_heads", self.n_heads, f"a divisor of model.d_model={self.d_model} (or set head_dim)")
         if self.n_heads % self.kv_heads:
             _fail("model.n_kv_heads", self.n_kv_heads, f"a divisor of model.n_heads={self.n_heads}")
-        if self.hd % 2:
+        if self.attention == "gqa" and self.hd % 2:
             _fail("model.head_dim", self.hd, "an even number (RoPE rotates pairs)")
         if self.qk_norm not in ("none", "full", "head"):
             _fail("model.qk_norm", self.qk_norm, "'none', 'full', 'head'")
+        self._validate_attention()
+        if self.mtp_depth < 0:
+            _fail("model.mtp_depth", self.mtp_depth, "0 (off) or a positive integer (DeepSeek-V3: 1)")
         if m.score_func not in ("softmax", "sigmoid"):
             _fail("model.moe.score_func", m.score_func, "'softmax', 'sigmoid'")
         if m.n_experts < 0:
@@ -131,6 +190,24 @@ class ModelConfig:
             _fail("model.moe.capacity_factor", m.capacity_factor, "0 (dropless) or a positive number")
         if m.aux_loss_coef < 0 or m.z_loss_coef < 0 or m.bias_update_rate < 0:
             _fail("model.moe.*_coef/bias_update_rate", (m.aux_loss_coef, m.z_loss_coef, m.bias_update_rate), ">= 0")
+        if m.seq_aux_loss_coef < 0:
+            _fail("model.moe.seq_aux_loss_coef", m.seq_aux_loss_coef, ">= 0 (0 = off)")
+        if not m.routed_scaling_factor > 0:
+            _fail("model.moe.routed_scaling_factor", m.routed_scaling_factor, "a positive number (1.0 = off)")
+        if m.n_group < 1 or m.n_experts % m.n_group:
+            divisors = [g for g in range(1, m.n_experts + 1) if m.n_experts % g == 0]
+            _fail("model.moe.n_group", m.n_group, f"a divisor of model.moe.n_experts={m.n_experts}: {divisors}")
+        per_group = m.n_experts // m.n_group
+        if m.n_group > 1 and per_group < 2:
+            # a group scores the sum of its two best experts, so it needs two
+            _fail("model.moe.n_group", m.n_group, f"at most model.moe.n_experts/2={m.n_experts // 2} "
+                  f"(each group must hold >= 2 experts), or 1 (off)")
+        if not 1 <= m.topk_group <= m.n_group:
+            _fail("model.moe.topk_group", m.topk_group, f"1..model.moe.n_group={m.n_group}")
+        if m.top_k > m.topk_group * per_group:
+            _fail("model.moe.topk_group", m.topk_group,
+                  f"enough groups for model.moe.top_k={m.top_k}: topk_group x (n_experts/n_group = {per_group}) "
+                  f">= top_k, i.e. >= {math.ceil(m.top_k / per_group)}")
         bad = [i for i in m.dense_layers if not 0 <= i < self.n_layers]
         if bad:
             _fail("model.moe.dense_layers", m.dense_layers, f"layer indices in 0..{self.n_layers - 1}")
@@ -138,13 +215,44 @@ class ModelConfig:
             _fail("model.moe.shared_gate", True, "true only with model.moe.n_shared >= 1")
         return self
 
-    # -- accounting ---------------------------------------------------------------------------------------
-    def param_counts(self) -> dict[str, int]:
-        """Parameter counts. `active` = what one token uses (top_k routed experts, every shared expert).
+    def _validate_attention(self) -> None:
+        mla_fields = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.attention not in ("gqa", "mla"):
+            _fail("model.attention", self.attention, "'gqa', 'mla'")
+        for name in mla_fields:
+            if getattr(self, name) < 0:
+                _fail(f"model.{name}", getattr(self, name), ">= 0 (0 = derived from head_dim; q_lora_rank: off)")
+        if self.attention == "gqa":
+            for name in mla_fields:
+                if getattr(self, name):
+                    _fail(f"model.{name}", getattr(self, name), "0 unless model.attention='mla'")
+            return
+        # MLA: each head decompresses its own key and value (no KV head groups); the GQA-only options would be
+        # silently ignored, so they are refused.
+        if self.n_kv_heads not in (0, self.n_heads):
+            _fail("model.n_kv_heads", self.n_kv_heads, f"0 or model.n_heads={self.n_heads} with model.attention="
+                  f"'mla' (every head gets its own key and value from the shared latent)")
+        if self.qkv_bias:
+            _fail("model.qkv_bias", True, "false with model.attention='mla'")
+        if self.qk_norm != "none":
+            _fail("model.qk_norm", self.qk_norm, "'none' with model.attention='mla' (it normalises its latents)")
+        if self.qk_rope_dim <= 0 or self.qk_rope_dim % 2:
+            _fail("model.qk_rope_head_dim", self.qk_rope_head_dim,
+                  f"an even number >= 2 (RoPE rotates pairs; 0 derives head_dim / 2 = {self.hd // 2})")
 
-        `embedding` is the token embedding plus an untied output head; `non_embedding` the rest.
-        """
-        d, hd, nh, nkv = self.d_model, self.hd, self.n_heads, self.kv_heads
+    # -- accounting ---------------------------------------------------------------------------------------
+    def attention_params(self) -> int:
+        """Parameters of one attention sublayer (GQA or MLA)."""
+        d, nh = self.d_model, self.n_heads
+        if self.attention == "mla":
+            # query: d -> (q latent, its norm ->) heads x qk; kv: d -> latent + the shared rope key, latent norm,
+            # latent -> heads x (k_nope + v); output: heads x v -> d
+            r, q_out = self.q_lora_rank, nh * self.qk_dim
+            q = d * q_out if not r else d * r + r + r * q_out
+            kv_b = self.kv_rank * nh * (self.qk_nope_dim + self.v_dim)
+            kv = d * (self.kv_rank + self.qk_rope_dim) + self.kv_rank + kv_b
+            return q + kv + nh * self.v_dim * d
+        hd, nkv = self.hd, self.kv_heads
         attn = d * nh * hd + 2 * d * nkv * hd + nh * hd * d
         if self.qkv_bias:
             attn += nh * hd + 2 * nkv * hd
@@ -152,28 +260,50 @@ class ModelConfig:
             attn += nh * hd + nkv * hd
         elif self.qk_norm == "head":
             attn += 2 * hd
-        norms = 2 * d
-        dense_ffn = 3 * d * self.d_ff
-        total = active = 0
-        routed_total = routed_active = 0
+        return attn
+
+    def block_params(self, moe: bool) -> tuple[int, int, int, int]:
+        """(total, active, routed-expert total, routed-expert active) parameters of one block: attention, its
+        two norms, and a dense FFN or (`moe`) an MoE FFN with its router and shared experts."""
+        d = self.d_model
+        base = self.attention_params() + 2 * d
+        if not moe:
+            return (base + 3 * d * self.d_ff,) * 2 + (0, 0)
+        m = self.moe
+        expert = 3 * d * self.d_expert
+        base += m.n_experts * d + 3 * d * self.d_shared_total + (d if m.shared_gate else 0)  # router, shared
+        return base + m.n_experts * expert, base + m.top_k * expert, m.n_experts * expert, m.top_k * expert
+
+    def mtp_params(self) -> tuple[int, int]:
+        """(total, active) parameters of one MTP module: its two input norms, the 2d -> d projection, a block,
+        the norm before the shared head. The embedding and output head are shared with the model: not counted."""
+        d = self.d_model
+        total, active, _, _ = self.block_params(self.mtp_is_moe)
+        own = 2 * d + 2 * d * d + d
+        return total + own, active + own
+
+    def param_counts(self) -> dict[str, int]:
+        """Parameter counts. `active` = what one token uses (top_k routed experts, every shared expert).
+
+        `embedding` is the token embedding plus an untied output head; `non_embedding` the rest. Every count
+        includes the MTP modules (what the run trains and stores); `mtp` / `mtp_active` are their share, so the
+        main model alone is `total - mtp` (how DeepSeek-V3 reports 671B: its 14B MTP module excluded).
+        """
+        d = self.d_model
+        total = active = routed_total = routed_active = 0
         for i in range(self.n_layers):
-            base = attn + norms
-            if self.is_moe_layer(i):
-                m = self.moe
-                expert = 3 * d * self.d_expert
-                shared = 3 * d * self.d_shared_total + (d if m.shared_gate else 0)
-                router = m.n_experts * d
-                total += base + router + shared + m.n_experts * expert
-                active += base + router + shared + m.top_k * expert
-                routed_total += m.n_experts * expert
-                routed_active += m.top_k * expert
-            else:
-                total += base + dense_ffn
-                active += base + dense_ffn
+            t, a, rt, ra = self.block_params(self.is_moe_layer(i))
+            total, active = total + t, active + a
+            routed_total, routed_active = routed_total + rt, routed_active + ra
+        mtp_total, mtp_active = (self.mtp_depth * n for n in self.mtp_params())
+        if self.mtp_depth and self.mtp_is_moe:
+            _, _, rt, ra = self.block_params(True)
+            routed_total += self.mtp_depth * rt
+            routed_active += self.mtp_depth * ra
         embedding = self.vocab_size * d * (1 if self.tie_embeddings else 2)
         final_norm = d
-        total += embedding + final_norm
-        active += embedding + final_norm
+        total += embedding + final_norm + mtp_total
+        active += embedding + final_norm + mtp_active
         return {
             "total": total,
             "active": active,
@@ -182,35 +312,73 @@ class ModelConfig:
             "active_non_embedding": active - embedding,
             "routed_experts": routed_total,
             "routed_active": routed_active,
+            "mtp": mtp_total,
+            "mtp_active": mtp_active,
         }
 
     def flops_per_token(self, seq_len: int | None = None) -> float:
         """Training FLOPs per token, forward + backward.
 
         Convention (Kaplan et al. 2020 / Chinchilla): 6 x (active non-embedding params + the output-head
-        matmul, vocab x d_model) + attention scores and values, 6 x 2 x n_layers x seq_len x (n_heads x
-        head_dim), counted without the causal-mask discount. The embedding lookup costs nothing.
+        matmul, vocab x d_model) + attention scores and values, 6 x n_layers x seq_len x n_heads x (qk + v),
+        counted without the causal-mask discount: the scores take 2 qk and the weighted values 2 v FLOPs per
+        (query, key) pair and head in the forward, twice that in the backward. qk = v = head_dim for GQA (so
+        12 x n_layers x seq_len x n_heads x head_dim); for MLA qk = qk_nope + qk_rope and v = v_head_dim (the
+        training form: keys and values decompressed, their projections counted as parameters). The embedding
+        lookup costs nothing.
+        Each MTP module adds its parameters (in `active`), one more output-head matmul and one more attention
+        layer; it runs on seq_len - j positions, counted as seq_len (an overcount of j / seq_len).
         """
         s = seq_len or self.max_seq_len
         pc = self.param_counts()
-        matmul_params = pc["active_non_embedding"] + self.vocab_size * self.d_model
-        return 6.0 * matmul_params + 12.0 * self.n_layers * s * self.n_heads * self.hd
+        heads = 1 + self.mtp_depth
+        matmul_params = pc["active_non_embedding"] + heads * self.vocab_size * self.d_model
+        attention = 6.0 * (self.n_layers + self.mtp_depth) * s * self.n_heads * (self.qk_dim + self.v_dim)
+        return 6.0 * matmul_params + attention
 
     # -- Hugging Face import ------------------------------------------------------------------------------
     @classmethod
     def from_hf_config(cls, cfg: dict) -> "ModelConfig":
         """Build a ModelConfig from a Hugging Face `config.json` dict.
 
-        Families: llama, mistral, qwen2 (dense); mixtral, qwen2_moe, olmoe, deepseek (v1, no MLA).
+        Families (`HF_FAMILIES`): llama, mistral, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe,
+        deepseek (v1, no MLA) (MoE). DeepSeek-V2/V3 (MLA) are not yet supported.
         """
         return _from_hf(cfg)
 
 
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek")
+# model_type -> why it cannot be imported yet (a clearer answer than "not in the list")
+HF_NOT_YET = {"deepseek_v2": "multi-head latent attention (MLA), which moelab does not have yet",
+              "deepseek_v3": "multi-head latent attention (MLA), which moelab does not have yet"}
+
+
+def _qkv_bias(mt: str, cfg: dict) -> bool:
+    """Whether q/k/v projections carry a bias, per family: the flag differs (and some families have none)."""
+    if mt == "qwen2":
+        return True  # always, no flag
+    if mt == "qwen2_moe":
+        return bool(cfg.get("qkv_bias", True))
+    if mt in ("mistral", "mixtral"):
+        return False  # no bias anywhere in attention; an `attention_bias` key would be ignored by transformers
+    # llama, qwen3, qwen3_moe, olmoe, deepseek: `attention_bias` puts a bias on q, k, v *and* o; the loader
+    # checks that o's bias is zero (moelab's output projection has none).
+    return bool(cfg.get("attention_bias", False))
+
+
+def _sparse_step_dense_layers(cfg: dict, n_layers: int) -> tuple[int, ...]:
+    """Qwen2-MoE / Qwen3-MoE: layer i is dense when listed in mlp_only_layers or (i+1) % decoder_sparse_step."""
+    only = cfg.get("mlp_only_layers") or []
+    step = cfg.get("decoder_sparse_step") or 1
+    return tuple(i for i in range(n_layers) if i in only or (i + 1) % step != 0)
+
+
 def _from_hf(cfg: dict) -> ModelConfig:
     mt = cfg.get("model_type")
-    families = ("llama", "mistral", "qwen2", "mixtral", "qwen2_moe", "olmoe", "deepseek")
-    if mt not in families:
-        _fail("config.json model_type", mt, ", ".join(families))
+    if mt in HF_NOT_YET:
+        _fail("config.json model_type", mt, f"{', '.join(HF_FAMILIES)} ({mt} needs {HF_NOT_YET[mt]})")
+    if mt not in HF_FAMILIES:
+        _fail("config.json model_type", mt, ", ".join(HF_FAMILIES))
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         _fail("config.json hidden_act", cfg.get("hidden_act"), "'silu' (SwiGLU)")
     if cfg.get("mlp_bias"):
@@ -224,9 +392,13 @@ def _from_hf(cfg: dict) -> ModelConfig:
             _fail(f"config.json {key}", rs, "plain RoPE (rope_type 'default')")
     if cfg.get("clip_qkv"):
         _fail("config.json clip_qkv", cfg["clip_qkv"], "null (QKV clipping is not supported)")
+    if mt.startswith("qwen") and cfg.get("use_sliding_window"):
+        # moelab attends over the whole causal context; a window would change the function past its length
+        _fail("config.json use_sliding_window", True, "false (moelab has no sliding-window attention)")
     d = cfg["hidden_size"]
     nh = cfg["num_attention_heads"]
-    hd = cfg.get("head_dim") or d // nh
+    # Qwen3Config defaults head_dim to 128 rather than hidden_size / heads; published configs always set it.
+    hd = cfg.get("head_dim") or (128 if mt == "qwen3" else d // nh)
     mc = ModelConfig(
         vocab_size=cfg["vocab_size"],
         d_model=d,
@@ -238,9 +410,12 @@ def _from_hf(cfg: dict) -> ModelConfig:
         max_seq_len=cfg.get("max_position_embeddings", 2048),
         rope_theta=float(rp.get("rope_theta", cfg.get("rope_theta", 10000.0))),
         norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
-        qkv_bias=bool(cfg.get("attention_bias", False)) or mt in ("qwen2", "qwen2_moe"),
+        qkv_bias=_qkv_bias(mt, cfg),
+        qk_norm="head" if mt in ("qwen3", "qwen3_moe") else "full" if mt == "olmoe" else "none",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
+    # transformers >= 5 saves Qwen3-MoE's expert count as num_local_experts (an attribute_map alias)
+    n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     moe = MoEConfig()
     if mt == "mixtral":
         # Mixtral: softmax over the top-k logits == softmax over all then renormalise the top-k.
@@ -248,16 +423,20 @@ def _from_hf(cfg: dict) -> ModelConfig:
                         d_expert=cfg["intermediate_size"], renormalize=True,
                         aux_loss_coef=cfg.get("router_aux_loss_coef", 0.02))
     elif mt == "qwen2_moe":
-        dense = [i for i in range(mc.n_layers)
-                 if i in cfg.get("mlp_only_layers", []) or (i + 1) % cfg.get("decoder_sparse_step", 1) != 0]
         shared = cfg.get("shared_expert_intermediate_size", 0)
-        moe = MoEConfig(n_experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+        moe = MoEConfig(n_experts=n_experts, top_k=cfg["num_experts_per_tok"],
                         d_expert=cfg["moe_intermediate_size"], n_shared=1 if shared else 0, d_shared=shared,
                         shared_gate=bool(shared), renormalize=bool(cfg.get("norm_topk_prob", False)),
-                        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001), dense_layers=tuple(dense))
+                        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001),
+                        dense_layers=_sparse_step_dense_layers(cfg, mc.n_layers))
+    elif mt == "qwen3_moe":
+        # Qwen2-MoE's routing (softmax, top-k, optional renormalisation) without the shared expert
+        moe = MoEConfig(n_experts=n_experts, top_k=cfg["num_experts_per_tok"],
+                        d_expert=cfg["moe_intermediate_size"], renormalize=bool(cfg.get("norm_topk_prob", False)),
+                        aux_loss_coef=cfg.get("router_aux_loss_coef", 0.001),
+                        dense_layers=_sparse_step_dense_layers(cfg, mc.n_layers))
     elif mt == "olmoe":
-        mc.qk_norm = "full"
-        moe = MoEConfig(n_experts=cfg["num_experts"], top_k=cfg["num_experts_per_tok"],
+        moe = MoEConfig(n_experts=n_experts, top_k=cfg["num_experts_per_tok"],
                         d_expert=cfg["intermediate_size"], renormalize=bool(cfg.get("norm_topk_prob", False)),
                         aux_loss_coef=cfg.get("router_aux_loss_coef", 0.01))
     elif mt == "deepseek":
@@ -333,6 +512,10 @@ class TrainConfig:
     dtype: Literal["auto", "float32", "bfloat16"] = "auto"  # auto: bf16 autocast on CUDA, fp32 on CPU
     out_dir: str = ""  # "" = runs/<preset>-s<seed>
     ep: int = 1  # expert-parallel size: ranks that split the routed experts (torchrun / Ray Train; 1 = none)
+    # lambda of the MTP loss (lambda / D) sum_j CE_j (model.mtp_depth = D > 0). DeepSeek-V3 §4.2 used 0.3 for its
+    # first 10T tokens and 0.1 for the last 4.8T; 0.1 here: runs of this lab are short and judged by the
+    # next-token loss alone, so the auxiliary objective gets the smaller of the two pulls on the shared trunk.
+    mtp_loss_weight: float = 0.1
 
     @property
     def micro(self) -> int:
@@ -415,6 +598,11 @@ class RunConfig:
             _fail("train.micro_batch_size", t.micro_batch_size, f"a divisor of train.batch_size={t.batch_size}")
         if t.seq_len > self.model.max_seq_len:
             _fail("train.seq_len", t.seq_len, f"<= model.max_seq_len={self.model.max_seq_len}")
+        if t.seq_len <= self.model.mtp_depth:
+            _fail("train.seq_len", t.seq_len, f"> model.mtp_depth={self.model.mtp_depth} (MTP module j predicts "
+                  f"token t+j+1, so it needs more than j positions)")
+        if t.mtp_loss_weight < 0:
+            _fail("train.mtp_loss_weight", t.mtp_loss_weight, ">= 0")
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
             _fail("train.device", t.device, "'auto', 'cpu', 'cuda', 'cuda:N'")
         if t.ep < 1 or (t.ep > 1 and (not self.model.moe.enabled or self.model.moe.n_experts % t.ep)):
@@ -608,12 +796,28 @@ def _presets() -> dict[str, tuple[ModelConfig, TrainConfig]]:
         "tiny": (tiny, _train(seq_len=64, batch_size=16)),
         # Same active FFN width as tiny: 8 experts of d_ff/2, top-2.
         "moe-tiny": (_moe(tiny, n_experts=8, top_k=2, granularity=2), _train(seq_len=64, batch_size=16)),
+        # tiny with DeepSeek-V3's attention and objective: MLA (heads of 16 + 8 rope features, values of 16, a KV
+        # latent of 64, a query latent of 32) and one MTP module.
+        "mla-mtp-tiny": (dataclasses.replace(tiny, attention="mla", n_kv_heads=0, q_lora_rank=32, mtp_depth=1),
+                         _train(seq_len=64, batch_size=16)),
         "small": (small, _train(seq_len=256, batch_size=16)),
         "moe-small": (_moe(small, n_experts=16, top_k=2, granularity=2), _train(seq_len=256, batch_size=16)),
         # OLMoE-1B-7B-like: 64 experts of 1024, top-8, no shared expert, QK-norm.
         "moe-1b": (dataclasses.replace(_moe(_dense(2048, 16, **gpt), n_experts=64, top_k=8, d_expert=1024,
                                             renormalize=False), qk_norm="full"),
                    _train(seq_len=4096, batch_size=512, micro_batch_size=4, steps=100_000)),
+        # DeepSeek-V3-style moe-1b: experts of half the width (128 x 512, the same total routed width) with one
+        # of the 16 active slots made a shared expert (top-15 + 1 shared: the same 8192 active FFN width);
+        # sigmoid scores, renormalised top-k x 2.5 (routed_scaling_factor), 8 groups of 16 experts of which
+        # each token may use 4; balance by the aux-loss-free bias (gamma 1e-3) plus a small sequence-wise loss
+        # (alpha 1e-4), no Switch loss and no z-loss; layer 0 dense. Attention as moe-1b (no MLA).
+        "moe-1b-dsv3": (dataclasses.replace(_moe(_dense(2048, 16, **gpt), n_experts=128, top_k=15, d_expert=512,
+                                                 n_shared=1, score_func="sigmoid", renormalize=True,
+                                                 routed_scaling_factor=2.5, n_group=8, topk_group=4,
+                                                 aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
+                                                 seq_aux_loss_coef=1e-4, dense_layers=(0,)),
+                                            qk_norm="full"),
+                        _train(seq_len=4096, batch_size=512, micro_batch_size=4, steps=100_000)),
         "1b": (_dense(2048, 16, ffn_mult=4, **gpt), _train(seq_len=4096, batch_size=512, micro_batch_size=4)),
         "3b": (_dense(3072, 28, ffn_mult=8 / 3, kv_ratio=3, **gpt),
                _train(seq_len=4096, batch_size=512, micro_batch_size=2)),

@@ -1,10 +1,14 @@
 """Load local Hugging Face checkpoints (config.json + *.safetensors, sharded or not) into moelab models.
 
-Families: LLaMA, Mistral, Qwen2 (dense); Mixtral, Qwen2-MoE, OLMoE, DeepSeek-MoE v1 (MoE). Nothing is
-downloaded: `path` is a local directory. Errors name the file or tensor at fault.
+Families: LLaMA, Mistral, Qwen2, Qwen3 (dense); Mixtral, Qwen2-MoE, Qwen3-MoE, OLMoE, DeepSeek-MoE v1 (MoE).
+DeepSeek-V2/V3 need multi-head latent attention and are not supported yet. Nothing is downloaded: `path` is
+a local directory. Errors name the file or tensor at fault; a tensor the mapping below leaves unused is an
+error too (a weight silently dropped would change the function). The way back, moelab -> Hugging Face, is
+`moelab.trainers.hf_export`.
 
 Name mapping (HF -> moelab), per layer i:
   self_attn.{q,k,v,o}_proj -> attn.w{q,k,v,o};  self_attn.{q,k}_norm -> attn.{q,k}_norm
+  (LLaMA / Qwen3 / OLMoE `attention_bias` also biases o_proj, which moelab lacks: it must be zero)
   input_layernorm -> attn_norm;  post_attention_layernorm -> ffn_norm
   mlp.{gate,up,down}_proj -> ffn.gate_up (gate rows first), ffn.down
   MoE: router <- mlp.gate (Mixtral: block_sparse_moe.gate); expert j <- experts.j.{gate,up,down}_proj
@@ -15,6 +19,7 @@ Name mapping (HF -> moelab), per layer i:
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -22,8 +27,8 @@ import torch
 from moelab.trainers.config import ModelConfig
 from moelab.trainers.model import Transformer
 
-DENSE_FAMILIES = ("llama", "mistral", "qwen2")
-MOE_FAMILIES = ("mixtral", "qwen2_moe", "olmoe", "deepseek")
+DENSE_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+MOE_FAMILIES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek")
 
 
 class HFLoadError(ValueError):
@@ -69,6 +74,16 @@ class _Tensors:
         self.used.add(key)
         return t
 
+    def unused(self) -> list[str]:
+        """Tensors that no moelab parameter took, less those that hold nothing: zero-element tensors (a
+        Qwen2-MoE shared expert of width 0) and the RoPE tables some older exporters saved as weights."""
+        left = []
+        for key in sorted(set(self.where) - self.used):
+            shape = self._handles[self.where[key]].get_slice(key).get_shape()
+            if math.prod(shape) and not key.endswith("rotary_emb.inv_freq"):
+                left.append(key)
+        return left
+
 
 def read_config(path: str | Path) -> dict:
     root = Path(path)
@@ -87,14 +102,20 @@ def load_hf(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Model
     tensors = _Tensors(Path(path))
     model = Transformer(cfg)  # its own init is overwritten by the checkpoint below
     state = _state_dict(cfg, hf, tensors, model)
-    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys if not k.endswith("expert_bias")]
+    missing = [k for k in model.load_state_dict(state, strict=False).missing_keys
+               if not k.endswith("expert_bias") and not (cfg.tie_embeddings and k == "lm_head.weight")]  # tied: embed
     if missing:  # a mapping gap is a bug here, not a user error, but say exactly what is missing
         raise HFLoadError(f"{path}: no source for moelab parameters {missing}")
+    unused = tensors.unused()
+    if unused:  # e.g. a feature config.json did not announce: loading without it would change the function
+        more = f" (and {len(unused) - 3} more)" if len(unused) > 3 else ""
+        raise HFLoadError(f"{path}: tensors {unused[:3]}{more} have no place in the moelab model that "
+                          f"config.json (model_type {hf.get('model_type')!r}) describes; not loaded")
     return cfg, model.to(dtype)
 
 
 def load_hf_dense(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[ModelConfig, Transformer]:
-    """A dense LLaMA / Mistral / Qwen2 directory -> (ModelConfig, Transformer)."""
+    """A dense LLaMA / Mistral / Qwen2 / Qwen3 directory -> (ModelConfig, Transformer)."""
     mt = read_config(path).get("model_type")
     if mt not in DENSE_FAMILIES:
         raise HFLoadError(f"{Path(path) / 'config.json'}: model_type {mt!r} is not a dense family; allowed: "
@@ -118,6 +139,8 @@ def _state_dict(cfg: ModelConfig, hf: dict, t: _Tensors, model: Transformer) -> 
     take("norm.weight", "model.norm.weight")
     if not cfg.tie_embeddings:
         take("lm_head.weight", "lm_head.weight")
+    elif "lm_head.weight" in t:
+        t.used.add("lm_head.weight")  # tied: transformers ignores a stored copy of the head as well
     mt = hf["model_type"]
     for i in range(cfg.n_layers):
         src, dst = f"model.layers.{i}.", f"layers.{i}."
@@ -127,6 +150,12 @@ def _state_dict(cfg: ModelConfig, hf: dict, t: _Tensors, model: Transformer) -> 
             take(dst + f"attn.w{p}.weight", src + f"self_attn.{p}_proj.weight")
             if cfg.qkv_bias and p != "o":
                 take(dst + f"attn.w{p}.bias", src + f"self_attn.{p}_proj.bias")
+        o_bias = src + "self_attn.o_proj.bias"
+        if o_bias in t and t.get(o_bias, (cfg.d_model,)).count_nonzero():
+            # `attention_bias` (LLaMA, Qwen3, OLMoE) biases o_proj too; moelab's output projection has none,
+            # which is exact only while that bias is zero (as moelab's own exports write it)
+            raise HFLoadError(f"{t.where[o_bias]}: tensor {o_bias!r} is non-zero; moelab's attention output "
+                              f"projection has no bias, so this checkpoint cannot be loaded exactly")
         if cfg.qk_norm != "none":
             take(dst + "attn.q_norm.weight", src + "self_attn.q_norm.weight")
             take(dst + "attn.k_norm.weight", src + "self_attn.k_norm.weight")
@@ -143,6 +172,8 @@ def _state_dict(cfg: ModelConfig, hf: dict, t: _Tensors, model: Transformer) -> 
             take(dst + "ffn.shared.down.weight", shared + "down_proj.weight")
         if cfg.moe.shared_gate:
             take(dst + "ffn.shared_gate.weight", mlp + "shared_expert_gate.weight")
+        elif mlp + "shared_expert_gate.weight" in t:
+            t.used.add(mlp + "shared_expert_gate.weight")  # gates a shared expert of width 0: no effect
     return out
 
 

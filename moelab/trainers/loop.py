@@ -460,18 +460,31 @@ class Trainer:
             return torch.autocast(self.device.type, enabled=False)
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]:
-        """tokens: [B, S+1] -> (objective, cross-entropy, moe losses)."""
+    def _loss(self, tokens: torch.Tensor, mtp: bool = True) -> tuple[torch.Tensor, torch.Tensor,
+                                                                      dict[str, torch.Tensor]]:
+        """tokens: [B, S+1] -> (objective, cross-entropy, moe and mtp losses). `mtp=False` (evaluation) skips
+        the MTP modules: the cross-entropy is the next-token one either way."""
         inp, tgt = tokens[:, :-1], tokens[:, 1:]
+        run_mtp = mtp and self.rc.model.mtp_depth > 0
         with self._autocast():
-            logits = self.model(inp)
+            # Given the targets, the model also runs its MTP modules, inside its own forward (under FSDP the
+            # shared embedding and head are gathered only there), and leaves their losses in `mtp_ce`.
+            logits = self.model(inp, tgt) if run_mtp else self.model(inp)
         ce = F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), tgt.reshape(-1))
         # = model.moe_losses(), without touching parameters (FSDP may have resharded them by now).
         layers = [m for _, m in self.model.moe_layers() if m.aux_loss is not None]
         zero = ce.new_zeros(())
-        moe = {"aux_loss": sum((m.aux_loss for m in layers), zero), "z_loss": sum((m.z_loss for m in layers), zero)}
+        moe = {"aux_loss": sum((m.aux_loss for m in layers), zero), "z_loss": sum((m.z_loss for m in layers), zero),
+               "seq_aux_loss": sum((m.seq_aux_loss for m in layers), zero)}
         m = self.rc.model.moe
-        return ce + m.aux_loss_coef * moe["aux_loss"] + m.z_loss_coef * moe["z_loss"], ce, moe
+        obj = (ce + m.aux_loss_coef * moe["aux_loss"] + m.z_loss_coef * moe["z_loss"]
+               + m.seq_aux_loss_coef * moe["seq_aux_loss"])
+        # DeepSeek-V3 §2.2: L_MTP = (lambda / D) sum_j CE_j. `mtp_loss` is the unweighted mean over the D depths
+        # (logged like aux_loss, before its weight).
+        mtp_ce = self.model.mtp_ce if run_mtp else []
+        moe["mtp_loss"] = sum(mtp_ce, zero) / len(mtp_ce) if mtp_ce else zero
+        obj = obj + self.rc.train.mtp_loss_weight * moe["mtp_loss"]
+        return obj, ce, moe
 
     def train_step(self, stats: StepStats) -> dict[str, float]:
         """One optimiser step over `batch_size` sequences in micro-batches. Returns scalar metrics."""
@@ -482,7 +495,7 @@ class Trainer:
         # Routing per domain is counted only where the source knows each row's domain (synthetic).
         domains = b.domains.to(self.device) if b.domains is not None and self.source.n_domains else None
         n_micro = t.batch_size // self.micro
-        ce_sum = aux_sum = z_sum = 0.0
+        ce_sum = aux_sum = z_sum = seq_sum = mtp_sum = 0.0
         for i, mb in enumerate(batch.split(self.micro)):
             dom = None if domains is None else domains[i * self.micro:(i + 1) * self.micro]
             if self.par:
@@ -493,10 +506,12 @@ class Trainer:
             ce_sum += ce.detach()
             aux_sum += moe["aux_loss"].detach()
             z_sum += moe["z_loss"].detach()
-            # a row's S input tokens share its domain; token t of the micro-batch is row t // S (see MoE.forward)
-            self._collect(stats, None if dom is None else dom.repeat_interleave(mb.shape[1] - 1))
+            seq_sum += moe["seq_aux_loss"].detach()
+            mtp_sum += moe["mtp_loss"].detach()
+            self._collect(stats, dom)
         if self.par:  # every rank sees the same, global values (and so agrees on divergence)
-            ce_sum, aux_sum, z_sum = self.par.all_reduce(torch.stack([ce_sum, aux_sum, z_sum]), "mean").tolist()
+            ce_sum, aux_sum, z_sum, seq_sum, mtp_sum = self.par.all_reduce(
+                torch.stack([ce_sum, aux_sum, z_sum, seq_sum, mtp_sum]), "mean").tolist()
         loss = float(ce_sum) / n_micro
         if os.environ.get(FAULT_NAN_ENV) == str(self.step):  # test hook: behave as if the loss blew up
             loss = float("nan")
@@ -521,23 +536,28 @@ class Trainer:
             for _, m in layers:
                 m.update_bias()
         self.step += 1
-        return {"loss": loss, "aux_loss": float(aux_sum) / n_micro, "z_loss": float(z_sum) / n_micro,
-                "lr": lr, "grad_norm": grad_norm}
+        row = {"loss": loss, "aux_loss": float(aux_sum) / n_micro, "z_loss": float(z_sum) / n_micro,
+               "seq_aux_loss": float(seq_sum) / n_micro, "lr": lr, "grad_norm": grad_norm}
+        if self.rc.model.mtp_depth:
+            row["mtp_loss"] = float(mtp_sum) / n_micro
+        return row
 
-    def _collect(self, stats: StepStats, token_domains: torch.Tensor | None = None) -> None:
-        """Add the last forward's MoE statistics to `stats`. token_domains: [T] the domain of each token of
-        that forward (None: no per-domain counts)."""
+    def _collect(self, stats: StepStats, row_domains: torch.Tensor | None = None) -> None:
+        """Add the last forward's MoE statistics to `stats`. row_domains: [B] the domain of each sequence of
+        that forward (None: no per-domain counts). A layer's T tokens are B rows of T / B positions, row-major
+        (see MoE.forward): S per row in the model, S - j in the MTP block of depth j."""
         layers = self.model.moe_layers()
         if not stats.load:
             stats.load = [torch.zeros_like(m.stats["load"]) for _, m in layers]
-        if token_domains is not None and not stats.domain:
+        if row_domains is not None and not stats.domain:
             K = self.source.n_domains
             stats.domain = [torch.zeros(K, m.n_experts, dtype=torch.int64, device=m.stats["load"].device)
                             for _, m in layers]
         for i, (acc, (_, m)) in enumerate(zip(stats.load, layers)):
             acc += m.stats["load"]
-            if token_domains is not None:
-                stats.domain[i] += domain_expert_counts(m.stats["topk_idx"], token_domains,
+            if row_domains is not None:
+                per_row = m.stats["topk_idx"].shape[0] // row_domains.shape[0]
+                stats.domain[i] += domain_expert_counts(m.stats["topk_idx"], row_domains.repeat_interleave(per_row),
                                                         self.source.n_domains, m.n_experts)
             stats.dropped += float(m.stats["dropped"])
             stats.slots += float(m.stats["slots"])
@@ -571,7 +591,7 @@ class Trainer:
             tokens = self.source.batch("eval", i, self.micro, t.seq_len).tokens.to(self.device)
             if self.par:
                 tokens = self.par.local_rows(tokens)
-            losses.append(float(self._loss(tokens)[1]))
+            losses.append(float(self._loss(tokens, mtp=False)[1]))  # the next-token loss alone
         for _, m in self.model.moe_layers():
             m.load_accum.zero_()  # eval routing must not move the aux-loss-free biases
         if self.par:
@@ -674,6 +694,8 @@ class Trainer:
         parts = [f"step {row['step']}", f"loss {row['loss']:.4f}"]
         if "eval_loss" in row:
             parts.append(f"eval {row['eval_loss']:.4f}")
+        if "mtp_loss" in row:
+            parts.append(f"mtp {row['mtp_loss']:.4f}")
         parts += [f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:.0f} tok/s", f"mfu {row['mfu']:.1%}"]
         if "imbalance" in row:
             parts.append(f"imb {row['imbalance']:.2f}")

@@ -8,9 +8,15 @@ Balancing mechanisms (all selectable in `MoEConfig`):
 - router z-loss `mean(logsumexp(logits)^2)` (Zoph et al., ST-MoE),
 - DeepSeek-V3 aux-loss-free bias: top-k chosen on `score + bias`, gates from the unbiased score; the bias
   moves by `gamma * sign(mean_load - load_i)` after each optimiser step (`update_bias`),
+- DeepSeek-V3 sequence-wise balance loss (paper Eq. 17-20): the Switch formula per sequence, averaged over
+  the sequences of the batch, so no single sequence may pile onto a few experts,
 - capacity factor: at most ceil(cf * T * k / E) slots per expert, later slots (in token order) dropped.
-The losses are stored on the module after the forward (`aux_loss`, `z_loss`, unscaled); the training loop
-adds `coef * loss` to the objective.
+The losses are stored on the module after the forward (`aux_loss`, `z_loss`, `seq_aux_loss`, unscaled); the
+training loop adds `coef * loss` to the objective.
+
+DeepSeek-V3 routing options: group-limited top-k (`n_group`, `topk_group`: a token's experts come from at most
+topk_group of the n_group contiguous expert groups, DeepSeek-V3's node-limited routing) and a constant
+`routed_scaling_factor` on the routed gate weights.
 """
 
 from __future__ import annotations
@@ -47,6 +53,8 @@ class Router(nn.Module):
         m = cfg.moe
         self.n_experts, self.top_k = m.n_experts, m.top_k
         self.score_func, self.renormalize = m.score_func, m.renormalize
+        self.n_group, self.topk_group = m.n_group, m.topk_group
+        self.routed_scaling_factor = m.routed_scaling_factor
         self.force_balanced = m.force_balanced
         self.weight = nn.Parameter(torch.empty(m.n_experts, d_model))
         self.register_buffer("expert_bias", torch.zeros(m.n_experts), persistent=True)
@@ -61,11 +69,37 @@ class Router(nn.Module):
             topk_idx = slots % self.n_experts
         else:
             # The bias only steers selection (DeepSeek-V3); gate values come from the unbiased scores.
-            topk_idx = torch.topk(scores + self.expert_bias, self.top_k, dim=-1).indices
+            choice = scores + self.expert_bias
+            if self.n_group > 1:
+                choice = self.group_limit(choice)
+            topk_idx = torch.topk(choice, self.top_k, dim=-1).indices
         topk_weight = scores.gather(-1, topk_idx)
         if self.renormalize:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+        if self.routed_scaling_factor != 1.0:
+            # DeepSeek-V3's released config multiplies the (renormalised, so summing to 1) routed gates by a
+            # constant 2.5: it sets the routed experts' weight next to the shared expert's and the residual's.
+            # Only the gates change, so the balance statistics (from scores and indices) do not.
+            topk_weight = topk_weight * self.routed_scaling_factor
         return logits, scores, topk_idx, topk_weight
+
+    def group_limit(self, choice_TE: torch.Tensor) -> torch.Tensor:
+        """Group-limited routing (DeepSeek-V3 node-limited routing, as in HF's DeepseekV3 router).
+
+        choice: [T, E] selection scores (score + bias) -> [T, E] the same, -inf outside the token's topk_group
+        best groups. The E experts form n_group contiguous groups of E/n_group; a group's score is the sum of
+        its two best selection scores (DeepSeek-V2's group-limited routing used the max). With the experts of a
+        group on one node, each token's slots reach at most topk_group nodes, which bounds the all-to-all
+        (DeepSeek-V3 §2.1.2 node-limited routing; there 4 of 8 groups).
+        No host sync: a scatter into a fixed-size mask and masked_fill, never boolean indexing.
+        """
+        T, E = choice_TE.shape
+        G = self.n_group
+        grouped = choice_TE.view(T, G, E // G)
+        group_score = grouped.topk(2, dim=-1).values.sum(-1)  # [T, G]
+        best = group_score.topk(self.topk_group, dim=-1).indices  # [T, topk_group]
+        keep = torch.zeros(T, G, dtype=torch.bool, device=choice_TE.device).scatter_(1, best, True)
+        return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, E)
 
 
 def capacity_mask(topk_idx: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
@@ -119,7 +153,7 @@ class MoE(nn.Module):
         self.parallel = None
         # Load since the last bias update, summed over forwards (micro-batches); a buffer so it follows .to().
         self.register_buffer("load_accum", torch.zeros(m.n_experts), persistent=False)
-        self.aux_loss = self.z_loss = None
+        self.aux_loss = self.z_loss = self.seq_aux_loss = None
         self.stats: dict[str, torch.Tensor] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,6 +188,7 @@ class MoE(nn.Module):
             f, P = self.parallel.global_mean(torch.stack([f, P]))
         self.aux_loss = E * (f * P).sum()
         self.z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+        self.seq_aux_loss = self.sequence_balance_loss(chosen.view(B, S, E), probs.view(B, S, E))
 
         with torch.no_grad():
             load = torch.bincount(topk_idx[topk_idx >= 0], minlength=E).float()
@@ -167,6 +202,24 @@ class MoE(nn.Module):
                 "router_entropy": ent,
             }
         return out.view(B, S, d)
+
+    def sequence_balance_loss(self, chosen_BSE: torch.Tensor, probs_BSE: torch.Tensor) -> torch.Tensor:
+        """DeepSeek-V3 sequence-wise balance loss (paper Eq. 17-20), unscaled (the loop multiplies by alpha).
+
+        chosen: [B, S, E] 1 where the token's top-k chose the expert (before capacity drops, like `aux_loss`);
+        probs: [B, S, E] normalised scores s'_{i,t} = s_{i,t} / sum_j s_{j,t} -> scalar
+        mean_b sum_i f_{b,i} P_{b,i}, with f_{b,i} = E / (k S) * (tokens of sequence b that chose i) and
+        P_{b,i} = mean_t s'_{i,t} over sequence b. For B = 1 it equals `aux_loss` (E sum_i f_i P_i with f a
+        fraction of slots), and its minimum is 1 (balanced within every sequence).
+
+        Expert parallelism: each rank holds whole sequences (`Parallel.local_rows` splits by rows), so this
+        needs no communication: the mean over local sequences, averaged over ranks by the data-parallel
+        gradient mean, is the mean over the global batch's sequences (every rank holds as many).
+        """
+        B, S, E = chosen_BSE.shape
+        f = chosen_BSE.sum(1) * (E / (self.top_k * S))  # [B, E]
+        P = probs_BSE.mean(1)  # [B, E]
+        return (f * P).sum(-1).mean()
 
     @torch.no_grad()
     def update_bias(self, load: torch.Tensor | None = None) -> None:

@@ -6,8 +6,8 @@ group is `ep` consecutive ranks (on a GPU cluster, GPUs of one node, so the all-
 - Data: every rank is a data-parallel rank. It takes its own equal slice of each global micro-batch
   (`Parallel.local_rows`), so the global batch of step i is exactly the one a single process trains on.
   `train.micro_batch_size` counts sequences per rank: W ranks at micro m train like one process at m x W.
-- Non-expert parameters (embeddings, attention, norms, router, shared experts, output head) are sharded by
-  FSDP2 over all W ranks (the flattened mesh `dp_ep`).
+- Non-expert parameters (embeddings, attention, norms, router, shared experts, output head, MTP modules) are
+  sharded by FSDP2 over all W ranks (the flattened mesh `dp_ep`).
 - Routed experts: EP rank j owns experts [j E/ep, (j+1) E/ep) (`apply_ep`), held as a DTensor `Shard(0)` on
   the `ep` mesh; FSDP2 shards each EP rank's experts over the dp_shard ranks of that EP slice (`apply_fsdp`,
   on dim 1 when it divides, so checkpoints carry plain `Shard` placements).
@@ -302,15 +302,18 @@ def _expert_shard_dim(moe: nn.Module, dp: int) -> Shard:
 
 def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None = None) -> nn.Module:
     """FSDP2 `fully_shard` per block and at the root, over all ranks; routed experts (after `apply_ep`)
-    over the dp_shard ranks of their EP slice. `param_dtype` (bf16 on CUDA) gathers parameters in that
-    dtype and reduces gradients in fp32; None keeps fp32 throughout (CPU)."""
+    over the dp_shard ranks of their EP slice. MTP modules: their block is a block like the others, and each
+    module gets a unit of its own for its norms and projection; the embedding and output head they share
+    stay in the root's unit (the model runs them inside its own forward). `param_dtype` (bf16 on CUDA)
+    gathers parameters in that dtype and reduces gradients in fp32; None keeps fp32 throughout (CPU)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from moelab.trainers.moe import MoE
 
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
         MixedPrecisionPolicy()
-    for block in model.layers:
+    mtp = list(getattr(model, "mtp", ()))
+    for block in [*model.layers, *(m.block for m in mtp)]:
         ffn = block.ffn
         if isinstance(ffn, MoE) and isinstance(ffn.w_gate_up, DTensor):
             # The MoE module's own FSDP unit holds only the experts; router and shared experts are
@@ -326,6 +329,8 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None 
                 # 2.13's FSDP divides the unreduced gradient and then again.)
                 ffn.set_force_sum_reduction_for_comms(True)
         fully_shard(block, mesh=par.world, mp_policy=mp)
+    for module in mtp:
+        fully_shard(module, mesh=par.world, mp_policy=mp)
     fully_shard(model, mesh=par.world, mp_policy=mp)
     return model
 

@@ -4,10 +4,12 @@ Layout (as `trainers/parallel.py` builds it): W GPUs in a mesh (dp_shard = W / e
 data-parallel rank with b sequences of s tokens per micro-step; a global batch of B sequences takes
 n_acc = B / (W b) micro-steps; FSDP reduces gradients after every micro-step.
 
-Symbols: P total parameters, P_e routed-expert parameters, P_n = P - P_e; L layers, L_moe MoE layers; d model
-width, E routed experts, k top-k, d_e expert width, d_s total shared-expert width, q = n_heads x head_dim,
-kv = n_kv_heads x head_dim, V vocabulary. Precision: bf16 compute (2 bytes), fp32 master weights, gradients
-and AdamW moments (4 bytes each).
+Symbols: P total parameters, P_e routed-expert parameters, P_n = P - P_e; L layers, L_moe MoE layers (MoE blocks
+of MTP modules included); d model width, E routed experts, k top-k, d_e expert width, d_s total shared-expert
+width, q = n_heads x head_dim, kv = n_kv_heads x head_dim, V vocabulary; MLA: qk = n_heads x (qk_nope + qk_rope),
+v = n_heads x v_head_dim, r_q / r_kv / r the query latent, KV latent and rope widths; D = mtp_depth (an MTP
+module counts as one more block). Precision: bf16 compute (2 bytes), fp32 master weights, gradients and AdamW
+moments (4 bytes each).
 
 Memory per GPU (bytes). Experts are split over ep and their slices sharded over dp, so every parameter is
 spread over all W GPUs:
@@ -18,14 +20,22 @@ spread over all W GPUs:
                                             kept gathered through the step) and one block plus the next one
                                             prefetched; P_block = largest block's non-expert parameters +
                                             its expert parameters / ep
-- activations   b s (L_attn_ffn + head)     an estimate, no activation recomputation, per token:
+- activations   b s (L_attn_ffn + head      an estimate, no activation recomputation, per token:
+                  + D mtp)
                 attention  2 (2d + 2q + 2kv)               norm in/out, q, k, v, attention output
+                MLA        2 (2d + 2qk + 2v + 2r_q + 2r_kv + r)
+                                                           norm in/out, q, k, v, attention output; the query
+                                                           latent and its norm, the KV latent with the rope key
+                                                           and its norm
                 MoE FFN    2 (2d + k (2d + 2d_e) + 3 d_s) + 16 E
                                                            norm in/out; per slot the dispatched row, the
                                                            expert output, gate/up pre-activations; shared
                                                            experts; router logits + probabilities in fp32
                 dense FFN  2 (2d + 3 d_ff)
                 head       4d + 10 V                       final norm; bf16 logits, fp32 copy, fp32 log-softmax
+                MTP        2 (5d) + attention + FFN + head
+                                                           per depth: embedding and hidden norms in/out, the
+                                                           projection's output, a block, the shared head again
 
 All-to-all bytes sent per GPU per step: 4 x n_acc x L_moe x b s k d x (ep-1)/ep x 2. Each MoE layer sends
 every slot's d-vector out and back in the forward (dispatch, combine) and both again in the backward; under
@@ -68,36 +78,38 @@ class PlanInputs:
 
 
 def _block_params(rc: RunConfig, layer: int) -> tuple[int, int]:
-    """(non-expert, routed-expert) parameters of block `layer`."""
+    """(non-expert, routed-expert) parameters of block `layer`; layers n_layers .. n_layers + mtp_depth - 1 are
+    the MTP modules (their block plus their own norms and projection: two FSDP units, counted as one)."""
     m = rc.model
-    pc_attn = m.d_model * m.n_heads * m.hd + 2 * m.d_model * m.kv_heads * m.hd + m.n_heads * m.hd * m.d_model
-    if m.qkv_bias:
-        pc_attn += m.n_heads * m.hd + 2 * m.kv_heads * m.hd
-    if m.qk_norm == "full":
-        pc_attn += m.n_heads * m.hd + m.kv_heads * m.hd
-    elif m.qk_norm == "head":
-        pc_attn += 2 * m.hd
-    base = pc_attn + 2 * m.d_model
-    if not m.is_moe_layer(layer):
-        return base + 3 * m.d_model * m.d_ff, 0
-    mo = m.moe
-    shared = 3 * m.d_model * m.d_shared_total + (m.d_model if mo.shared_gate else 0)
-    return base + mo.n_experts * m.d_model + shared, mo.n_experts * 3 * m.d_model * m.d_expert
+    if layer < m.n_layers:
+        total, _, routed, _ = m.block_params(m.is_moe_layer(layer))
+        return total - routed, routed
+    total, _ = m.mtp_params()
+    routed = m.block_params(True)[2] if m.mtp_is_moe else 0
+    return total - routed, routed
 
 
 def _act_bytes_per_token(rc: RunConfig) -> float:
     """Activation bytes kept for the backward per token (see the module docstring)."""
     m = rc.model
-    d, q, kv = m.d_model, m.n_heads * m.hd, m.kv_heads * m.hd
-    total = 0.0
-    for i in range(m.n_layers):
-        total += 2 * (2 * d + 2 * q + 2 * kv)
-        if m.is_moe_layer(i):
-            total += 2 * (2 * d + m.moe.top_k * (2 * d + 2 * m.d_expert) + 3 * m.d_shared_total)
-            total += 16 * m.moe.n_experts
-        else:
-            total += 2 * (2 * d + 3 * m.d_ff)
-    return total + 4 * d + 10 * m.vocab_size
+    d, V = m.d_model, m.vocab_size
+    if m.attention == "mla":
+        qk, v = m.n_heads * m.qk_dim, m.n_heads * m.v_dim
+        attn = 2 * (2 * d + 2 * qk + 2 * v + 2 * m.q_lora_rank + 2 * m.kv_rank + m.qk_rope_dim)
+    else:
+        q, kv = m.n_heads * m.hd, m.kv_heads * m.hd
+        attn = 2 * (2 * d + 2 * q + 2 * kv)
+
+    def ffn(moe: bool) -> float:
+        if moe:
+            slots = m.moe.top_k * (2 * d + 2 * m.d_expert)
+            return 2 * (2 * d + slots + 3 * m.d_shared_total) + 16 * m.moe.n_experts
+        return 2 * (2 * d + 3 * m.d_ff)
+
+    total = sum(attn + ffn(m.is_moe_layer(i)) for i in range(m.n_layers))
+    head = 4 * d + 10 * V
+    mtp = 2 * (4 * d + d) + attn + ffn(m.mtp_is_moe) + head  # per depth: norms in/out, projection, block, head
+    return total + head + m.mtp_depth * mtp
 
 
 def make_plan(rc: RunConfig, p: PlanInputs) -> dict:
@@ -138,13 +150,13 @@ def make_plan(rc: RunConfig, p: PlanInputs) -> dict:
     pc = m.param_counts()
     P, P_e = pc["total"], pc["routed_experts"]
     P_n = P - P_e
-    L_moe = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i))
+    L_moe = sum(1 for i in range(m.n_layers) if m.is_moe_layer(i)) + (m.mtp_depth if m.mtp_is_moe else 0)
 
     # memory per GPU
     params_b = 4 * P / W
     grads_b = 4 * P / W
     optim_b = 8 * P / W
-    blocks = [_block_params(rc, i) for i in range(m.n_layers)]
+    blocks = [_block_params(rc, i) for i in range(m.n_layers + m.mtp_depth)]
     P_block = max(n + e / ep for n, e in blocks)
     P_root = P - sum(n + e for n, e in blocks)
     gathered_b = 2 * (P_root + 2 * P_block)

@@ -117,12 +117,15 @@ def upcycle(dense: Transformer, moe: MoEConfig, cfg: UpcycleConfig | None = None
         for name, p in model.state_dict().items():
             if ".ffn." not in name and name in dense_state:
                 p.copy_(dense_state[name])
-        for i, block in enumerate(model.layers):
-            gate_up = dense.layers[i].ffn.gate_up.weight.detach().float()
+        # The MTP modules' blocks (DeepSeek-V3 §2.2) upcycle like the model's: their FFN is an MoE whenever the
+        # last layer's is (ModelConfig.mtp_is_moe).
+        blocks = [*zip(dense.layers, model.layers), *((a.block, b.block) for a, b in zip(dense.mtp, model.mtp))]
+        for dense_block, block in blocks:
+            gate_up = dense_block.ffn.gate_up.weight.detach().float()
             gate, up = gate_up[:d_ff], gate_up[d_ff:]
-            down = dense.layers[i].ffn.down.weight.detach().float()
+            down = dense_block.ffn.down.weight.detach().float()
             if not isinstance(block.ffn, MoE):
-                block.ffn.load_state_dict(dense.layers[i].ffn.state_dict())
+                block.ffn.load_state_dict(dense_block.ffn.state_dict())
                 continue
             units = expert_units(block.ffn.n_experts, G, d_ff, cfg.shuffle, shuffle_gen)
             _init_experts(block.ffn, gate, up, down, units, F * routed_share, cfg, gen)

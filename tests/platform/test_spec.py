@@ -260,7 +260,7 @@ def test_missing_file_and_catalogue_names(tmp_path):
 
 
 EXPECTED = {"noise", "reset", "granularity", "expert-ratio", "scaling", "expert-lr", "dense-ladder", "leverage-demo",
-            "efficiency-leverage"}
+            "efficiency-leverage", "balancing"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -290,6 +290,21 @@ def test_catalogue_axes():
     ratio = {t.config.model.moe.n_experts // t.config.model.moe.top_k for t in expand(load_spec("expert-ratio"))
              if t.family == "moe"}
     assert ratio == {4, 8, 16, 32}
+
+
+def test_balancing_sweep_arms():
+    trials = expand(load_spec("balancing"))
+    assert sorted(t.family for t in trials) == ["dense"] * 2 + ["moe"] * 6
+    arms = {}
+    for t in trials:
+        if t.family == "moe":
+            m = t.config.model.moe
+            assert (m.score_func, m.renormalize, m.z_loss_coef) == ("sigmoid", True, 0.0)  # only balancing varies
+            arms.setdefault(t.axes["balancing"], set()).add(
+                (m.aux_loss_coef > 0, m.bias_update_rate > 0, m.seq_aux_loss_coef > 0))
+    assert arms == {"switch-aux": {(True, False, False)}, "aux-free-bias": {(False, True, False)},
+                    "bias-seq-aux": {(False, True, True)}}
+    assert {t.seed for t in trials} == {0, 1}
 
 
 def test_leverage_demo_is_small_and_complete():

@@ -27,8 +27,8 @@ def loop_rows(steps, *, loss0=5.0, layers=2, experts=4, eval_every=30, domains=0
         load[:, 0] += 0.01 * s / 100
         load /= load.sum(1, keepdims=True)
         row = dict(step=s, tokens=s * 1024, flops=s * 1e9, wall_s=s * 0.1, loss=loss0 - s / 100, lr=1e-3,
-                   grad_norm=1.0, aux_loss=1.01, z_loss=0.3, tokens_per_s=1e4, mfu=0.1, drop_frac=0.0,
-                   imbalance=1.1, router_entropy=1.3, expert_load=load.tolist())
+                   grad_norm=1.0, aux_loss=1.01, z_loss=0.3, seq_aux_loss=1.02, tokens_per_s=1e4, mfu=0.1,
+                   drop_frac=0.0, imbalance=1.1, router_entropy=1.3, mtp_loss=5.5, expert_load=load.tolist())
         if s % eval_every == 0:
             row["eval_loss"] = loss0 - s / 100 + 0.05
         if domains:

@@ -25,6 +25,19 @@ DEEPSEEK_MOE_16B = dict(model_type="deepseek", hidden_size=2048, intermediate_si
                         num_key_value_heads=16, vocab_size=102400, n_routed_experts=64, n_shared_experts=2,
                         num_experts_per_tok=6, first_k_dense_replace=1, moe_layer_freq=1, norm_topk_prob=False,
                         scoring_func="softmax", tie_word_embeddings=False, hidden_act="silu")
+# Qwen3 (published config.json files; not in ALL, whose families test_config.py checks against PUBLISHED).
+# Values transformers' Qwen3MoeConfig defaults differently are set here explicitly: num_hidden_layers 48 (24),
+# norm_topk_prob true (false), max_position_embeddings 40960 (32768), rope_theta 1e6.
+QWEN3_8B = dict(model_type="qwen3", hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                num_attention_heads=32, num_key_value_heads=8, head_dim=128, vocab_size=151936,
+                max_position_embeddings=40960, rope_theta=1e6, rms_norm_eps=1e-6, attention_bias=False,
+                use_sliding_window=False, tie_word_embeddings=False, hidden_act="silu")
+QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size=6144, moe_intermediate_size=768,
+                     num_hidden_layers=48, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+                     vocab_size=151936, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True,
+                     decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960, rope_theta=1e6,
+                     rms_norm_eps=1e-6, attention_bias=False, use_sliding_window=False, tie_word_embeddings=False,
+                     router_aux_loss_coef=0.001, hidden_act="silu")
 
 ALL = {"llama": LLAMA2_7B, "mistral": MISTRAL_7B, "qwen2": QWEN2_05B, "mixtral": MIXTRAL_8X7B,
        "qwen2_moe": QWEN15_MOE_A27B, "olmoe": OLMOE_1B_7B, "deepseek": DEEPSEEK_MOE_16B}

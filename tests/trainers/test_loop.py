@@ -58,8 +58,8 @@ def test_metrics_rows_hold_design_fields(tmp_path):
     out = train(_rc(**{"train.eval_every": 6, "train.log_every": 3}), tmp_path, progress=False)
     _, rows = _losses(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [3, 6, 9, 12]
-    want = {"loss", "tokens", "flops", "wall_s", "lr", "grad_norm", "aux_loss", "z_loss", "tokens_per_s", "mfu",
-            "drop_frac", "imbalance", "router_entropy", "expert_load"}
+    want = {"loss", "tokens", "flops", "wall_s", "lr", "grad_norm", "aux_loss", "z_loss", "seq_aux_loss",
+            "tokens_per_s", "mfu", "drop_frac", "imbalance", "router_entropy", "expert_load"}
     assert want <= set(rows[0])
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
     load = rows[0]["expert_load"]
