@@ -3,8 +3,8 @@
 The commands are read from the README itself, so a tour that drifts from what works fails here. They run in
 a scratch directory on the session's local Ray; the sweep command gets `--set`/`--seeds` appended so the
 `leverage-demo` sweep (what `make demo` runs) trains its MoE trials for a few steps with one seed and every
-trial on tiny batches: 16 trials instead of 24 (the dense baselines keep their own step budgets and seeds: the
-sweep file sets them per baseline, after `--set`), otherwise the same sweep, fits and report. The store it leaves is then checked table by table, and the
+trial on tiny batches: 16 trials instead of 78 (the dense baselines keep their own step budgets: the sweep
+file sets them per baseline, after `--set`; `--seeds` replaces theirs too), otherwise the same sweep, fits and report. The store it leaves is then checked table by table, and the
 sweep is run a second time to show that finished results are reused (what a second `make demo` does).
 """
 
@@ -141,11 +141,12 @@ def test_tour_sweep_fills_every_table(tour):
     spec = load_spec("leverage-demo", common=SHRUNK, seeds=[0])
     ids = {t.trial_id for t in expand(spec)}
     trials = store.trials("leverage-demo")
-    # 3 sizes x (200 + 2 seeds x 400 + 800 steps) dense + 2 expert ratios x {scratch, upcycled}
+    # 4 widths x (200, 400, 800 steps) dense, one seed each (--seeds replaces the baselines' seeds too)
+    # + 2 expert ratios x {scratch, upcycled}
     assert set(trials["trial_id"]) == ids and len(ids) == 16
     assert set(trials["status"]) == {"finished"}
     dense = trials.loc[trials["family"] == "dense"].set_index("trial_id")
-    assert sorted(dense["final_step"].tolist()) == [200] * 3 + [400] * 6 + [800] * 3
+    assert sorted(dense["final_step"].tolist()) == [200] * 4 + [400] * 4 + [800] * 4
     moe = set(trials.loc[trials["family"] == "moe", "trial_id"])
     assert len(moe) == 4
     metrics = store.metrics("leverage-demo")

@@ -314,7 +314,8 @@ def load_spec(path_or_name: str | Path, *, common: dict[str, Any] | None = None,
     """Read a sweep file, or a catalogue sweep by name (`noise`), and validate it (not yet expanded).
 
     common: dotted config keys merged over the file's `common` (the command line's `--set`, e.g. fewer
-    steps for a quick look); seeds: replaces the file's `seeds` (baselines with their own seeds keep them)."""
+    steps for a quick look); seeds: replaces the file's `seeds` and every baseline's own `seeds` (a quick look
+    with one seed trains every design once; a baseline's own steps survive, see `common`)."""
     path = Path(path_or_name)
     if not path.is_file():
         if path.suffix in (".yaml", ".yml") or "/" in str(path_or_name):
@@ -329,6 +330,9 @@ def load_spec(path_or_name: str | Path, *, common: dict[str, Any] | None = None,
         data["common"] = {**_flatten(data.get("common") or {}), **common}
     if isinstance(data, dict) and seeds is not None:
         data["seeds"] = list(seeds)
+        for b in data.get("baselines") or []:
+            if isinstance(b, dict) and "seeds" in b:
+                b["seeds"] = list(seeds)
     return parse_spec(data, str(path))
 
 

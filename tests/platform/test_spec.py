@@ -260,7 +260,7 @@ def test_missing_file_and_catalogue_names(tmp_path):
 
 
 EXPECTED = {"noise", "reset", "granularity", "expert-ratio", "scaling", "expert-lr", "dense-ladder", "leverage-demo",
-            "efficiency-leverage", "balancing"}
+            "efficiency-leverage", "balancing", "mtp"}
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -307,19 +307,38 @@ def test_balancing_sweep_arms():
     assert {t.seed for t in trials} == {0, 1}
 
 
+def test_mtp_sweep_arms_and_equal_flop_baselines():
+    trials = expand(load_spec("mtp"))
+    grid = {t.axes["model.mtp_depth"]: t for t in trials if t.seed == 0 and t.axes}
+    assert sorted(grid) == [0, 1, 2] and {t.family for t in trials} == {"dense"}
+    assert {t.config.model.mtp_depth for t in grid.values()} == {0, 1, 2}
+    assert len({t.steps for t in grid.values()}) == 1  # the grid compares depths at equal steps
+    # each baseline trains depth 0 for (within 1%) the training FLOPs of the depth it is named after
+    base = {t.name: t for t in trials if t.seed == 0 and not t.axes}
+    for depth in (1, 2):
+        b = base[f"tiny-flops-mtp{depth}"]
+        assert b.config.model.mtp_depth == 0
+        assert b.tokens * b.flops_per_token == pytest.approx(grid[depth].tokens * grid[depth].flops_per_token,
+                                                              rel=0.01)
+    assert {t.seed for t in trials} == {0, 1, 2}
+
+
 def test_leverage_demo_is_small_and_complete():
     trials = expand(load_spec("leverage-demo"))
     dense = [t for t in trials if t.family == "dense"]
     moe = [t for t in trials if t.family == "moe"]
     assert len({t.params_total for t in dense}) >= 3
     assert {t.config.model.moe.n_experts // t.config.model.moe.top_k for t in moe} == {4, 8}
-    assert {t.upcycle_from for t in moe} == {None, "ladder-2"}
-    assert {t.seed for t in moe} == {0, 1, 2}  # seed noise with 2 degrees of freedom per family
-    # the dense law sees both of its axes: 3 sizes x 3 budgets
-    assert len({(t.params_total, t.config.train.steps) for t in dense}) == 9
+    assert {t.upcycle_from for t in moe} == {None, "d32"}
+    assert {t.seed for t in moe} == set(range(8))  # seed noise with 7 degrees of freedom per family
+    # every upcycled trial starts from the dense d32 run of its own seed (its noise is the seed's, not shared)
+    d32 = {t.trial_id: t.seed for t in dense if t.name == "d32"}
+    assert all(d32[t.depends_on] == t.seed for t in moe if t.upcycle_from)
+    # the dense law sees both of its axes: 4 sizes x 3 budgets
+    assert len({(t.params_total, t.config.train.steps) for t in dense}) == 12
     assert all(t.config.data.source == "synthetic" for t in trials)
-    # Budget: measured ~1 ms of 1 CPU per 1e10 training FLOPs at this size (ladder-4: 5.7 MFLOP/token x 1024
-    # tokens/step in ~125 ms). 10 min on 2 cores = 1200 CPU-s; keep the training itself under a third of it.
+    # Budget: ~17 TFLOPs trained in ~600 CPU-seconds at these sizes (the file's header); make demo must stay
+    # under 12 minutes on 2 cores with the install, so the training keeps under about half of that.
     assert sum(t.flops for t in trials) < 2e13
 
 
