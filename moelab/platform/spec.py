@@ -514,10 +514,14 @@ def _build(spec: SweepSpec, *, name: str, preset: str, overrides: dict[str, Any]
     readable = "-".join([name or family, *labels])[:80]
     trial_id = f"{_slug(readable)}-s{seed}-{digest}"
     pc = rc.model.param_counts()
+    # The trials table sizes the model the run produces: MTP modules are a training-time head (DeepSeek-V3
+    # reports 671B without its 14B MTP module), so N for the scaling laws leaves them out; the compute they
+    # cost stays in flops_per_token (and so in C).
+    mtp, mtp_active = pc.get("mtp", 0), pc.get("mtp_active", 0)
     return Trial(trial_id=trial_id, sweep=spec.name, family=family, name=name, preset=preset, seed=seed,
                  axes={k: v for k, v, _ in axes}, overrides=resolved, config=rc, depends_on=depends_on,
-                 upcycle_from=upcycle_from,
-                 params_total=pc["total"], params_active=pc["active"], params_non_embedding=pc["non_embedding"],
+                 upcycle_from=upcycle_from, params_total=pc["total"] - mtp, params_active=pc["active"] - mtp_active,
+                 params_non_embedding=pc["non_embedding"] - mtp,
                  flops_per_token=rc.model.flops_per_token(rc.train.seq_len), steps=rc.total_steps(),
                  tokens=rc.total_steps() * rc.train.batch_size * rc.train.seq_len)
 

@@ -358,3 +358,15 @@ def test_format_trials():
     lines = out.splitlines()
     assert lines[0].split()[:4] == ["trial_id", "family", "seed", "axes"]
     assert "14 trials (2 dense, 12 moe)" in lines[-1]
+
+
+def test_trial_sizes_leave_out_the_mtp_modules_but_not_their_flops():
+    from moelab.trainers.config import load_run_config
+
+    trials = {t.config.model.mtp_depth: t for t in expand(load_spec("mtp")) if t.seed == 0 and t.axes}
+    plain, mtp = trials[0], trials[2]
+    assert (mtp.params_total, mtp.params_active, mtp.params_non_embedding) == \
+        (plain.params_total, plain.params_active, plain.params_non_embedding)
+    pc = load_run_config(mtp.preset, mtp.overrides).model.param_counts()
+    assert pc["mtp"] > 0 and mtp.params_total == pc["total"] - pc["mtp"]
+    assert mtp.flops_per_token > plain.flops_per_token  # the modules' compute is still counted
