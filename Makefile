@@ -8,7 +8,12 @@ TORCH_CPU := torch==2.13.0
 HAS_CUDA := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
 EXTRAS ?= dev,hf,dashboard
 
-.PHONY: install browser test demo bench bench-coverage bench-gpu compile-check clean
+.PHONY: install browser test demo bench bench-coverage bench-gpu compile-check gpu-check clean
+
+# GPU targets run on machines that may have no network: once .venv exists they use it as it is (a stale
+# .venv/.installed, e.g. after a Makefile edit, would otherwise send `install` to pip). Without .venv they
+# build it first, which needs the network.
+OFFLINE_VENV := $(if $(wildcard $(BIN)/python),,install)
 
 install: $(VENV)/.installed
 
@@ -51,12 +56,20 @@ bench-coverage: install
 	OMP_NUM_THREADS=1 $(BIN)/python bench/coverage_bench.py --replicates 200 --n-boot 100 --workers 2
 
 # The Triton kernel benchmark needs a CUDA GPU (exits 2 with a message elsewhere).
-bench-gpu: install
+bench-gpu: $(OFFLINE_VENV)
 	$(BIN)/python -m moelab.kernels.bench --markdown
 
 # Compile the Triton kernels for sm_90 offline (no GPU needed): catches register spills and compile errors.
-compile-check: install
+compile-check: $(OFFLINE_VENV)
 	$(BIN)/python -m moelab.kernels.bench --compile-check 90
+
+# Everything that needs a CUDA GPU, in one run of a few minutes: kernel tests on the GPU, the kernel benchmark
+# (full and small token counts), a 30-step moe-1b (4 layers) eager and compiled with MFU and peak memory, host
+# syncs per step. Writes a markdown section for bench/RESULTS.md to GPU_CHECK_OUT; exits 1 if a check failed,
+# 3 without a CUDA device.
+GPU_CHECK_OUT ?= bench/gpu_check.md
+gpu-check: $(OFFLINE_VENV)
+	$(BIN)/python bench/gpu_check.py --out $(GPU_CHECK_OUT)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache  # results/ (the demo's store) is kept: delete it by hand

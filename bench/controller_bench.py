@@ -13,10 +13,15 @@ concurrency = CPUs / that). For each:
     its training time: start-up, imports, model build, the end of the run;
   * slot overhead per trial: (sweep wall x concurrency - sum of training) / trials: all a slot spends on
     anything but training, the gaps between trials and the sweep's start and end included;
-  * training share: sum of training / (sweep wall x concurrency).
+  * training share: sum of training / (sweep wall x concurrency); also counted from Ray's start (what a
+    user of `moelab sweep` waits for: the CLI starts Ray itself).
+
+Paths: `tune` starts Ray as `moelab sweep` does (`controller.init_local_ray`: its idle worker processes import
+torch and the trainer before the first trial reaches them); `tune-cold` the same trials on plain workers that
+import all of it when their first trial starts (the path before that); `train` Ray Train runs.
 
     OMP_NUM_THREADS=1 python bench/controller_bench.py [--steps 60] [--cpus 2] [--cpus-per-worker 1]
-        [--paths tune train]
+        [--paths tune tune-cold train]
 """
 
 from __future__ import annotations
@@ -45,16 +50,18 @@ def spec_doc(steps: int, ckpt_every: int, cpus_per_worker: float, path: str) -> 
             "resources": {"workers": 1, "cpus_per_worker": cpus_per_worker, "ray_train": path == "train"}}
 
 
-def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, path: str) -> dict:
+def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, label: str) -> dict:
+    path, warm = ("tune", False) if label == "tune-cold" else (label, label == "tune")
     import ray
 
     import moelab.results as mr
-    from moelab.platform.controller import run_sweep
+    from moelab.platform.controller import init_local_ray, run_sweep
 
     root = tempfile.mkdtemp(prefix="controller-bench-")
     load0 = os.getloadavg()[0]
     t = time.perf_counter()
-    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False)
+    # as `moelab sweep` starts its local Ray: on the tune path the idle workers import the trainer meanwhile
+    init_local_ray(num_cpus=cpus, warm=warm)
     ray_start = time.perf_counter() - t
     marks: dict[str, dict[str, float]] = {}
 
@@ -73,13 +80,15 @@ def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, path: st
     spans = {tid: m["finished"] - m["running"] for tid, m in marks.items() if "running" in m and "finished" in m}
     assert set(spans) == set(train), (sorted(spans), sorted(train))
     n, conc = len(train), report.max_concurrent
-    return {"path": path, "cpus_per_worker": cpus_per_worker, "concurrency": conc, "trials": n,
+    return {"path": label, "cpus_per_worker": cpus_per_worker, "concurrency": conc, "trials": n,
             "ray_start_s": ray_start, "sweep_wall_s": report.wall_s, "train_sum_s": sum(train.values()),
             "train_median_s": statistics.median(train.values()),
             "span_median_s": statistics.median(spans.values()),
             "overhead_median_s": statistics.median(spans[t] - train[t] for t in train),
             "slot_overhead_per_trial_s": (report.wall_s * conc - sum(train.values())) / n,
             "train_share": sum(train.values()) / (report.wall_s * conc),
+            "train_share_from_ray_start": sum(train.values()) / ((report.wall_s + ray_start) * conc),
+            "warm": warm,
             "load_before": load0, "load_after": os.getloadavg()[0]}
 
 
@@ -89,7 +98,9 @@ def main() -> int:
     p.add_argument("--ckpt-every", type=int, default=20)
     p.add_argument("--cpus", type=int, default=2)
     p.add_argument("--cpus-per-worker", type=float, nargs="+", default=[1.0])
-    p.add_argument("--paths", nargs="+", default=["tune", "train"], choices=["tune", "train"])
+    p.add_argument("--paths", nargs="+", default=["tune", "tune-cold", "train"], choices=["tune", "tune-cold", "train"],
+                   help="tune: inside Tune trials on warm workers (what moelab sweep does); tune-cold: the same "
+                        "on workers that import everything when their first trial starts; train: Ray Train runs")
     p.add_argument("--json", help="also write the rows here")
     a = p.parse_args()
     rows = [one(a.steps, a.ckpt_every, a.cpus, c, path) for c in a.cpus_per_worker for path in a.paths]
@@ -97,12 +108,13 @@ def main() -> int:
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, {time.strftime('%Y-%m-%d')}")
     print("| path | CPUs/worker | concurrent | sweep wall (s) | sum of training (s) | median training (s) "
           "| median trial span (s) | median overhead/trial (s) | slot overhead/trial (s) | training share "
-          "| load avg before/after |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| Ray start (s) | share from Ray start | load avg before/after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['path']} | {r['cpus_per_worker']:g} | {r['concurrency']} | {r['sweep_wall_s']:.1f} | "
               f"{r['train_sum_s']:.1f} | {r['train_median_s']:.2f} | {r['span_median_s']:.1f} | "
               f"{r['overhead_median_s']:.1f} | {r['slot_overhead_per_trial_s']:.1f} | {r['train_share']:.0%} | "
+              f"{r['ray_start_s']:.1f} | {r['train_share_from_ray_start']:.0%} | "
               f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:

@@ -131,11 +131,13 @@ examples:
   moelab plan --preset moe-1b --gpus 64 --ep 8
   moelab plan --preset moe-1b --gpus 512 --ep 8 --micro-batch 1 --mfu 0.35 --bw-gbps 400
   moelab plan --preset moe-1b --gpus 8 --ep 8 --seq 2048 --micro-batch 8 --json
+  moelab plan --preset moe-1b --gpus 8 --ep 8 --activation-checkpointing selective
 
-Memory per GPU (fp32 weights, grads and AdamW states sharded over all GPUs; bf16 all-gather buffers; an
-activation estimate without recomputation), all-to-all and FSDP bytes per step, FLOPs per step, and the
-step time at --mfu of --peak-tflops plus the communication at --nvlink-gbps (inside a node) or --bw-gbps
-(across nodes). The formulas are in moelab/trainers/plan.py."""
+Memory per GPU (fp32 weights, grads and AdamW states sharded over all GPUs; bf16 all-gather buffers; the
+activations autograd keeps, with or without activation checkpointing, and the loss logits), all-to-all and
+FSDP bytes per step, FLOPs per step (and those recomputed), and the step time at --mfu of --peak-tflops plus
+the communication at --nvlink-gbps (inside a node) or --bw-gbps (across nodes). The formulas are in
+moelab/trainers/plan.py."""
 
 
 def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
@@ -147,7 +149,8 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
         r = make_plan(rc, PlanInputs(gpus=args.gpus, ep=args.ep, seq=args.seq, micro_batch=args.micro_batch,
                                      batch=args.batch, mfu=args.mfu, peak_tflops=args.peak_tflops,
                                      bw_gbps=args.bw_gbps, nvlink_gbps=args.nvlink_gbps,
-                                     gpus_per_node=args.gpus_per_node))
+                                     gpus_per_node=args.gpus_per_node,
+                                     activation_checkpointing=args.activation_checkpointing))
     except ConfigError as e:
         print(f"moelab plan: {e}", file=sys.stderr)
         return 2
@@ -156,16 +159,27 @@ def cmd_plan(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
+    import textwrap
+
     from moelab.trainers.config import PRESETS, preset
+
+    def kind_of(m) -> str:
+        parts = ["dense"]
+        if m.moe.enabled:
+            mo = m.moe
+            parts = [f"moe {mo.n_experts}e top-{mo.top_k}"]
+            parts += [f"+{mo.n_shared}sh"] if mo.n_shared else []
+            parts += ["sig"] if mo.score_func == "sigmoid" else []
+            parts += [f"grp{mo.n_group}/{mo.topk_group}"] if mo.n_group > 1 else []
+        parts += ["mla"] if m.attention == "mla" else []
+        parts += [f"mtp{m.mtp_depth}"] if m.mtp_depth else []
+        return " ".join(parts)
 
     rows = []
     for name in PRESETS:
         rc = preset(name)
         m, pc = rc.model, rc.model.param_counts()
-        kind = f"moe {m.moe.n_experts}e top-{m.moe.top_k}" if m.moe.enabled else "dense"
-        kind += " mla" if m.attention == "mla" else ""
-        kind += f" mtp{m.mtp_depth}" if m.mtp_depth else ""
-        rows.append({"preset": name, "kind": kind, "layers": m.n_layers, "d_model": m.d_model,
+        rows.append({"preset": name, "kind": kind_of(m), "layers": m.n_layers, "d_model": m.d_model,
                      "total": pc["total"], "active": pc["active"], "non_embedding": pc["non_embedding"],
                      "flops_per_token": m.flops_per_token(rc.train.seq_len), "seq_len": rc.train.seq_len})
     if args.json:
@@ -178,13 +192,21 @@ def cmd_presets(args: argparse.Namespace, extra: list[str]) -> int:
                 return f"{n / s:.2f}{unit}"
         return str(int(n))
 
-    print(f"{'preset':12} {'kind':22} {'L':>3} {'d':>5} {'total':>9} {'active':>9} {'non-emb':>9} {'FLOPs/tok':>10}")
+    wn = max(len("preset"), *(len(r["preset"]) for r in rows))
+    wk = max(len("kind"), *(len(r["kind"]) for r in rows))
+    print(f"{'preset':{wn}}  {'kind':{wk}}  {'L':>3} {'d':>5} {'total':>9} {'active':>9} {'non-emb':>9} "
+          f"{'FLOPs/tok':>10}")
     for r in rows:
-        print(f"{r['preset']:12} {r['kind']:22} {r['layers']:>3} {r['d_model']:>5} {h(r['total']):>9} "
+        print(f"{r['preset']:{wn}}  {r['kind']:{wk}}  {r['layers']:>3} {r['d_model']:>5} {h(r['total']):>9} "
               f"{h(r['active']):>9} {h(r['non_embedding']):>9} {r['flops_per_token']:>10.3g}")
-    print("\nFLOPs/token: training (fwd+bwd) = 6 x (active non-embedding params + output head) + attention "
-          "6 x layers x seq_len x n_heads x (qk + v head widths), at the preset's seq_len; MTP modules add a "
-          "block, a projection and the head each. Counts include them.")
+    notes = ("kind: +Nsh N shared experts, sig sigmoid router scores, grpG/K G expert groups of which a token "
+             "uses K (DeepSeek-V3), mla multi-head latent attention, mtpD D multi-token-prediction modules.",
+             "FLOPs/tok: training (fwd + bwd) = 6 x (active non-embedding params + output head) + attention "
+             "6 x layers x seq_len x n_heads x (qk + v head widths), at the preset's seq_len. MTP modules add a "
+             "block, a projection and an output head each; every count includes them.")
+    print()
+    for note in notes:
+        print(textwrap.fill(note, width=100, subsequent_indent="  "))
     return 0
 
 
@@ -542,11 +564,11 @@ Writes OUT_DIR/config.json and model.safetensors (shards + model.safetensors.ind
 --max-shard-gb); transformers.AutoModelForCausalLM.from_pretrained(OUT_DIR) computes the same logits, and
 `--init-from OUT_DIR` or moelab.trainers.hf.load_hf read it back. RUN_DIR: a moelab run directory (its newest
 checkpoint: checkpoint.pt or ckpt-<step>/), a checkpoint file or directory, or a Hugging Face directory.
-Formats: auto, llama, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe (MoE). A feature the format
-cannot hold (shared experts in mixtral, sigmoid scores, a capacity factor, non-zero aux-loss-free biases,
-...) is refused, naming the formats that can; nothing is approximated. deepseek_v3 is not supported yet
-(it needs MLA). No tokenizer is written. The directory appears whole or not at all; a non-empty OUT_DIR is
-refused unless --force. Exit status: 0 exported, 2 refused (the message says why)."""
+Formats: auto, llama, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe (MoE); deepseek_v3 (MLA,
+dense or MoE: sigmoid scores, expert biases, groups, routed scaling, MTP). A feature the format cannot hold
+(shared experts in mixtral, sigmoid scores outside deepseek_v3, a capacity factor, ...) is refused, naming
+the formats that can; nothing is approximated. No tokenizer is written. The directory appears whole or not
+at all; a non-empty OUT_DIR is refused unless --force. Exit status: 0 exported, 2 refused (the message says why)."""
 
 
 def cmd_export(args: argparse.Namespace, extra: list[str]) -> int:
@@ -607,6 +629,9 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--nvlink-gbps", type=float, default=d.nvlink_gbps,
                     help=f"bandwidth per GPU in Gbit/s inside a node (default {d.nvlink_gbps:.0f}, NVLink)")
     pl.add_argument("--gpus-per-node", type=int, default=d.gpus_per_node, help="default 8")
+    pl.add_argument("--activation-checkpointing", choices=("none", "selective", "full"), default="",
+                    help="recompute in the backward: selective (norms, attention), full (every block); default: "
+                         "the preset's train.activation_checkpointing")
     pl.add_argument("--json", action="store_true", help="machine-readable output")
     pl.set_defaults(func=cmd_plan)
     sw = sub.add_parser("sweep", help="run a sweep (a grid of training runs on Ray) into the results store",
@@ -619,7 +644,8 @@ def build_parser() -> argparse.ArgumentParser:
     sw.add_argument("--set", action="append", metavar="KEY=VALUE",
                     help="override a config key for every trial, over the file's `common` (repeatable), "
                          "e.g. --set train.steps=100")
-    sw.add_argument("--seeds", type=int, nargs="+", metavar="N", help="replace the sweep's seeds, e.g. --seeds 0")
+    sw.add_argument("--seeds", type=int, nargs="+", metavar="N",
+                    help="replace the sweep's seeds (the grid's and every baseline's), e.g. --seeds 0")
     sw.add_argument("--resume", action="store_true",
                     help="finish a sweep whose controller stopped: finished and diverged trials are not rerun")
     sw.add_argument("--storage", metavar="ROOT",
@@ -672,7 +698,7 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir", metavar="RUN_DIR", help="a moelab run directory, checkpoint, or Hugging Face dir")
     ex.add_argument("out_dir", metavar="OUT_DIR", help="the directory to write (new or empty, or --force)")
     ex.add_argument("--format", default="auto", metavar="FORMAT",
-                    help="auto (default), llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe")
+                    help="auto (default), llama, qwen2, qwen3, mixtral, qwen2_moe, qwen3_moe, olmoe, deepseek_v3")
     ex.add_argument("--force", action="store_true", help="replace a non-empty OUT_DIR")
     ex.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
                     help="tensor dtype written (default: the checkpoint's, float32 for moelab runs)")

@@ -27,8 +27,17 @@ def test_presets_lists_counts(capsys):
     rows = {r["preset"]: r for r in json.loads(capsys.readouterr().out)}
     assert {"tiny", "moe-tiny", "small", "moe-small", "moe-1b", "1b", "3b"} <= set(rows)
     assert 0.9e9 < rows["moe-1b"]["active"] < 1.5e9 and rows["moe-1b"]["total"] > 5 * rows["moe-1b"]["active"]
+    # the kind names the routing where it is not plain softmax top-k, and the attention / MTP where they differ
+    assert rows["moe-1b"]["kind"] == "moe 64e top-8" and rows["tiny"]["kind"] == "dense"
+    assert rows["moe-1b-dsv3"]["kind"] == "moe 128e top-15 +1sh sig grp8/4 mla mtp1"
+    assert rows["mla-mtp-tiny"]["kind"] == "dense mla mtp1"
     assert main(["presets"]) == 0
-    assert "moe-1b" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    table = out.split("\n\n")[0].splitlines()
+    assert len(table) == len(rows) + 1 and "moe-1b-dsv3" in out and "grpG/K" in out
+    # columns sized from the content: no name or kind pushes its row out of line (the last column is right-aligned)
+    assert len({len(line) for line in table}) == 1, table
+    assert all(line.split()[0] == name for line, name in zip(table[1:], rows))
 
 
 def test_train_short_run_and_overrides(tmp_path):

@@ -57,7 +57,7 @@ def test_export_a_run_then_transformers_loads_it(run_dir, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--format", "deepseek_v3"], "not yet supported: it needs multi-head latent attention"),
+    (["--format", "deepseek_v3"], "model.attention='gqa': formats that can: llama"),  # moe-tiny: GQA, softmax
     (["--format", "llama"], r"(an MoE): formats that can: mixtral"),
     (["--max-shard-gb", "0"], "--max-shard-gb: got 0.0; allowed: a positive number"),
 ])

@@ -5,6 +5,8 @@ grouped GEMMs with hand-written backward kernels). Default: "triton" when x is o
 installed, "reference" elsewhere. The environment variable MOELAB_KERNELS=reference|triton overrides the
 default; the `backend=` argument overrides both. Asking for a backend that cannot run raises an error rather
 than silently falling back (e.g. "triton" for a CPU tensor without TRITON_INTERPRET=1, or without triton).
+Under torch.compile either backend runs as the custom op `moelab::moe_experts_fwd` (`custom_op.py`), so a
+compiled block has no graph break at the experts.
 
 The Triton module is imported lazily, on first use: Triton decides between compiling and interpreting when
 kernels are defined, so TRITON_INTERPRET=1 must be in the environment before that first use.
@@ -17,7 +19,7 @@ import os
 
 import torch
 
-from moelab.kernels import reference
+from moelab.kernels import custom_op, reference
 
 BACKENDS = ("reference", "triton")
 
@@ -57,6 +59,12 @@ def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     """Routed SwiGLU experts. x: [T, d], w_gate_up: [E, 2 d_e, d], w_down: [E, d, d_e],
     topk_idx: [T, k] (-1 = dropped), topk_weight: [T, k] -> [T, d]. See `reference.moe_experts`."""
     name = resolve_backend(backend, x.device)
+    if torch.compiler.is_compiling():
+        # Inside torch.compile: the custom op (`custom_op.py`) keeps the graph whole around the kernels.
+        combine = os.environ.get("MOELAB_TRITON_COMBINE", "gather")
+        if combine not in ("gather", "atomic"):  # = triton_moe.COMBINES, not imported here (see above)
+            raise ValueError(f"MOELAB_TRITON_COMBINE: got {combine!r}; allowed: gather, atomic")
+        return custom_op.moe_experts(x, w_gate_up, w_down, topk_idx, topk_weight, name, combine)
     if name == "triton":
         from moelab.kernels import triton_moe
 

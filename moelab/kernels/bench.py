@@ -19,6 +19,7 @@ ptxas and reports shared memory, registers and spills.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import statistics
 import sys
@@ -230,9 +231,10 @@ def bench_shape(shape: Shape, impls, device, warmup: int, iters: int) -> list[di
 SMEM_LIMIT = {80: 166912, 86: 101376, 89: 101376, 90: 232448}  # max dynamic shared memory per block, bytes
 
 
-def compile_check(arch: int, shape: Shape) -> list[dict]:
-    """Compile every kernel in every tuned config for `shape` on sm_`arch`; report shared memory, registers
-    and spilled bytes (local stack) per config. Needs TRITON_INTERPRET unset."""
+def compile_check(arch: int, shape: Shape, only: set[str] | None = None) -> list[dict]:
+    """Compile every kernel (or those named in `only`, e.g. {"gate_up"}) in every tuned config for `shape` on
+    sm_`arch`; report shared memory, registers, spilled bytes (local stack) and the MMA instruction per
+    config. Needs TRITON_INTERPRET unset."""
     import os
     import subprocess
     import tempfile
@@ -249,7 +251,7 @@ def compile_check(arch: int, shape: Shape) -> list[dict]:
     cuobjdump = os.path.join(triton.__path__[0], "backends", "nvidia", "bin", "cuobjdump")
     d, de, E, k, T = shape.d, shape.de, shape.E, shape.k, shape.tokens
     S = T * k
-    BM = tm.block_m_for(S, E)
+    BM = tm.block_m_for(S, E, arch)
     NB = triton.cdiv(S, BM) + E
     x = {torch.bfloat16: "*bf16", torch.float32: "*fp32", torch.float16: "*fp16"}[shape.dtype]
     dot_t, prec = tm._dot_types(shape.dtype)
@@ -302,6 +304,8 @@ def compile_check(arch: int, shape: Shape) -> list[dict]:
     ]
     report = []
     for name, fn, configs, ptrs, ints, consts in kernels:
+        if only is not None and name not in only:
+            continue
         for c in configs:
             meta = {**consts, **c.kwargs}
             sig, cx, attrs = {}, {}, {}
@@ -322,6 +326,10 @@ def compile_check(arch: int, shape: Shape) -> list[dict]:
                 kern = triton.compile(ASTSource(fn, sig, cx, attrs), target=target,
                                       options={"num_warps": c.num_warps, "num_stages": c.num_stages})
                 row["smem"] = kern.metadata.shared
+                # The tensor-core instruction the dots became: on sm_90, wgmma unless a tile is too small for
+                # a warp group (then mma.sync, the Ampere path, at a lower rate); none for the combine.
+                ptx = kern.asm.get("ptx", "")
+                row["mma"] = "wgmma" if "wgmma" in ptx else "mma.sync" if "mma.sync" in ptx else "-"
                 row["fits"] = row["smem"] <= SMEM_LIMIT.get(arch, 101376)
                 if os.path.exists(cuobjdump):
                     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
@@ -353,7 +361,7 @@ def print_compile_report(arch: int, shape: Shape, report: list[dict]) -> int:
         if spill:
             note += "  (spills)"
         print(f"  {r['kernel']:20s} {r['config']:40s} smem {r['smem']:6d}  regs {r.get('regs', '?')!s:>3}  "
-              f"spill {spill if spill is not None else '?'}{note}")
+              f"spill {spill if spill is not None else '?'}  mma {r.get('mma', '?')}{note}")
     return bad
 
 
@@ -462,8 +470,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if args.compile_check:
         bad = 0
         for s in shapes:
-            bad += print_compile_report(args.compile_check, SHAPES[s],
-                                        compile_check(args.compile_check, SHAPES[s]))
+            shape = SHAPES[s] if not args.tokens else dataclasses.replace(SHAPES[s], tokens=args.tokens)
+            bad += print_compile_report(args.compile_check, shape, compile_check(args.compile_check, shape))
         if bad:
             sys.exit(1)
         return []
@@ -481,7 +489,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for s in shapes:
         shape = SHAPES[s]
         if args.tokens:
-            shape = Shape(shape.name, shape.d, shape.de, shape.E, shape.k, args.tokens, shape.dtype)
+            shape = dataclasses.replace(shape, tokens=args.tokens)
         rows = bench_shape(shape, impls, device, args.warmup, args.iters)
         print(format_table(shape, rows, args.markdown), flush=True)
         tuned = tuned_configs()

@@ -57,15 +57,20 @@ def _combine(rows: torch.Tensor, pos: torch.Tensor, T: int, weight: torch.Tensor
     return out
 
 
-def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int]):
-    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [S, 2 d_e], a [S, d_e], y [S+1, d]),
-    y's last row zero."""
+def _swiglu_experts(xs: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, counts: list[int],
+                    n_rows: int | None = None):
+    """Per-expert SwiGLU over contiguous row blocks. xs: [S, d] -> (h [R, 2 d_e], a [R, d_e], y [R+1, d]),
+    R = n_rows (default S, at least S): rows [0, S) computed, rows from S on (y's row S included, where
+    _combine sends dropped slots) zero. R > S gives the custom op outputs whose shapes the inputs' shapes fix."""
     S, d = xs.shape
+    R = S if n_rows is None else n_rows
     de = w_down.shape[2]
-    h = xs.new_empty(S, 2 * de)
-    a = xs.new_empty(S, de)
-    y = xs.new_empty(S + 1, d)  # one zero row past the end, where _combine sends dropped slots
-    y[S].zero_()
+    h = xs.new_empty(R, 2 * de)
+    a = xs.new_empty(R, de)
+    y = xs.new_empty(R + 1, d)
+    y[S:].zero_()
+    h[S:].zero_()
+    a[S:].zero_()
     # Expert by expert, so each block's SwiGLU runs on rows still in cache from its GEMM. One scratch buffer
     # for silu(gate), reused: a fresh multi-MB tensor per expert costs page faults on every step.
     tmp = xs.new_empty(max(counts, default=0), de)
@@ -87,22 +92,73 @@ def _blocks(counts: list[int]):
         start += n
 
 
+def _routing(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, n_experts: int, dtype: torch.dtype):
+    """What forward and backward derive from the routing alone (one host sync, for the counts).
+    x: [T, d], topk_idx / topk_weight: [T, k] -> order [S'], token [S'], pos [T*k], counts (list of E ints),
+    xs [S', d] the gathered rows, w_slot [S'] each kept slot's weight in `dtype`."""
+    order, token, counts_t = route_slots(topk_idx, n_experts)
+    pos = slot_positions(order, topk_idx.numel())
+    xs = x.index_select(0, token)
+    w_slot = topk_weight.reshape(-1).index_select(0, order).to(dtype)
+    return order, token, pos, counts_t.tolist(), xs, w_slot
+
+
+def forward(x, w_gate_up, w_down, topk_idx, topk_weight, n_rows: int | None = None):
+    """The forward of `moe_experts` and what its backward needs. Shapes as in `moe_experts`; returns out
+    [T, d], the routing (see `_routing`) and h, a, y (see `_swiglu_experts`, with R = n_rows rows)."""
+    T = x.shape[0]
+    order, token, pos, counts, xs, w_slot = _routing(x, topk_idx, topk_weight, w_gate_up.shape[0], x.dtype)
+    h, a, y = _swiglu_experts(xs, w_gate_up, w_down, counts, n_rows)
+    out = _combine(y, pos, T, topk_weight.to(y.dtype))
+    return out, (order, token, pos, counts, xs, w_slot), (h, a, y)
+
+
+def backward(dout, w_gate_up, w_down, routing, h, a, y, topk_shape, topk_dtype):
+    """Gradients of `moe_experts` from the residuals `forward` returned (h, a, y may hold extra zero rows past
+    the S' kept slots). dout: [T, d] -> dx [T, d], dw_gate_up, dw_down (shapes of the weights), d_topk
+    [topk_shape] in topk_dtype."""
+    order, token, pos, counts, xs, w_slot = routing
+    T, de, S = dout.shape[0], w_down.shape[2], xs.shape[0]
+    dys = dout.index_select(0, token)  # [S, d]: grad of each slot's weighted output
+    d_wslot = torch.einsum("sd,sd->s", dys, y[:S])  # d out / d w_slot = y; no [S, d] temporary
+    d_topk = torch.zeros(topk_shape.numel(), dtype=topk_dtype, device=dout.device)
+    d_topk.index_copy_(0, order, d_wslot.to(topk_dtype))
+    dys.mul_(w_slot[:, None])  # now the grad of the unweighted expert output y
+    dxs = xs.new_empty(S + 1, xs.shape[1])  # the zero row past the end again, for _combine
+    dxs[S].zero_()
+    dw_gu = torch.empty_like(w_gate_up)  # every expert's block is written below or zeroed here
+    dw_down = torch.empty_like(w_down)
+    for e, n in enumerate(counts):
+        if n == 0:
+            dw_gu[e].zero_()
+            dw_down[e].zero_()
+    # Scratch buffers sized for the largest expert, reused by every expert (no per-expert page faults).
+    n_max = max(counts, default=0)
+    da_buf, s_buf, dh_buf = xs.new_empty(n_max, de), xs.new_empty(n_max, de), xs.new_empty(n_max, 2 * de)
+    for e, rows in _blocks(counts):
+        # Expert by expert, so the SwiGLU backward runs on rows still in cache from the GEMMs.
+        dy, he = dys[rows], h[rows]
+        n = he.shape[0]
+        g, u = he[:, :de], he[:, de:]
+        torch.mm(dy.t(), a[rows], out=dw_down[e])
+        da = torch.mm(dy, w_down[e], out=da_buf[:n])  # [n, d_e]
+        dh = dh_buf[:n]
+        torch.mul(da, torch.ops.aten.silu.out(g, out=s_buf[:n]), out=dh[:, de:])
+        torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :de])
+        torch.mm(dh.t(), xs[rows], out=dw_gu[e])
+        torch.mm(dh, w_gate_up[e], out=dxs[rows])
+    dx = _combine(dxs, pos, T)
+    return dx, dw_gu, dw_down, d_topk.view(topk_shape)
+
+
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate_up, w_down, topk_idx, topk_weight):
-        T, d = x.shape
-        E = w_gate_up.shape[0]
-        order, token, counts_t = route_slots(topk_idx, E)
-        counts = counts_t.tolist()
-        pos = slot_positions(order, topk_idx.numel())
-        xs = x.index_select(0, token)
-        h, a, y = _swiglu_experts(xs, w_gate_up, w_down, counts)
-        w_slot = topk_weight.reshape(-1).index_select(0, order).to(y.dtype)
-        out = _combine(y, pos, T, topk_weight.to(y.dtype))
+        out, routing, (h, a, y) = forward(x, w_gate_up, w_down, topk_idx, topk_weight)
+        order, token, pos, counts, xs, w_slot = routing
         # a = silu(gate) * up and the gathered xs are kept (S x (d_e + d) more memory) so the backward
         # recomputes neither.
         ctx.save_for_backward(xs, w_gate_up, w_down, order, token, pos, h, a, y, w_slot)
-        ctx.T = T
         ctx.counts = counts
         ctx.topk_shape = topk_weight.shape
         ctx.topk_dtype = topk_weight.dtype
@@ -111,37 +167,9 @@ class _MoEExperts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         xs, w_gate_up, w_down, order, token, pos, h, a, y, w_slot = ctx.saved_tensors
-        T, de, S = ctx.T, w_down.shape[2], xs.shape[0]
-        dys = dout.index_select(0, token)  # [S, d]: grad of each slot's weighted output
-        d_wslot = torch.einsum("sd,sd->s", dys, y[:S])  # d out / d w_slot = y; no [S, d] temporary
-        d_topk = torch.zeros(ctx.topk_shape.numel(), dtype=ctx.topk_dtype, device=dout.device)
-        d_topk.index_copy_(0, order, d_wslot.to(ctx.topk_dtype))
-        dys.mul_(w_slot[:, None])  # now the grad of the unweighted expert output y
-        dxs = xs.new_empty(S + 1, xs.shape[1])  # the zero row past the end again, for _combine
-        dxs[S].zero_()
-        dw_gu = torch.empty_like(w_gate_up)  # every expert's block is written below or zeroed here
-        dw_down = torch.empty_like(w_down)
-        for e, n in enumerate(ctx.counts):
-            if n == 0:
-                dw_gu[e].zero_()
-                dw_down[e].zero_()
-        # Scratch buffers sized for the largest expert, reused by every expert (no per-expert page faults).
-        n_max = max(ctx.counts, default=0)
-        da_buf, s_buf, dh_buf = xs.new_empty(n_max, de), xs.new_empty(n_max, de), xs.new_empty(n_max, 2 * de)
-        for e, rows in _blocks(ctx.counts):
-            # Expert by expert, so the SwiGLU backward runs on rows still in cache from the GEMMs.
-            dy, he = dys[rows], h[rows]
-            n = he.shape[0]
-            g, u = he[:, :de], he[:, de:]
-            torch.mm(dy.t(), a[rows], out=dw_down[e])
-            da = torch.mm(dy, w_down[e], out=da_buf[:n])  # [n, d_e]
-            dh = dh_buf[:n]
-            torch.mul(da, torch.ops.aten.silu.out(g, out=s_buf[:n]), out=dh[:, de:])
-            torch.ops.aten.silu_backward.grad_input(da.mul_(u), g, grad_input=dh[:, :de])
-            torch.mm(dh.t(), xs[rows], out=dw_gu[e])
-            torch.mm(dh, w_gate_up[e], out=dxs[rows])
-        dx = _combine(dxs, pos, T)
-        return dx, dw_gu, dw_down, None, d_topk.view(ctx.topk_shape)
+        dx, dw_gu, dw_down, d_topk = backward(dout, w_gate_up, w_down, (order, token, pos, ctx.counts, xs, w_slot),
+                                              h, a, y, ctx.topk_shape, ctx.topk_dtype)
+        return dx, dw_gu, dw_down, None, d_topk
 
 
 def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_idx: torch.Tensor,

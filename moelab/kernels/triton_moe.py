@@ -28,7 +28,8 @@ Design (after the ScatterMoE and vLLM `moe_align_block_size` descriptions in ../
   dW_gate_up = dh^T x). dx reuses `_grouped_gemm_kernel` (dh @ W_gate_up[e]) and the same combine.
 * fp32 accumulation everywhere; bf16 or fp32 inputs (x, w_gate_up, w_down of one dtype). fp32 dots use
   TF32 only when `torch.backends.cuda.matmul.allow_tf32` is set, as torch.mm does.
-* GPU launch: BLOCK_M comes from the average slots per expert (`block_m_for`); the other tile sizes, warps
+* GPU launch: BLOCK_M comes from the average slots per expert (`block_m_for`; at least 64 on sm_90+, where
+  a 32-row tile would run on mma.sync rather than wgmma); the other tile sizes, warps
   and stages are autotuned per shape from small config lists checked offline for register spills
   (`python -m moelab.kernels.bench --compile-check 90`). Environment: MOELAB_TRITON_AUTOTUNE=0 uses fixed
   configs; MOELAB_TRITON_COMBINE=gather|atomic picks the default combine.
@@ -380,8 +381,17 @@ if not INTERPRETED:
     install_autotuning(_gpu_configs("gate_up"), _gpu_configs("gemm"), _gpu_configs("down_bwd"), _gpu_xty_configs())
 
 
-def block_m_for(n_slots: int, n_experts: int) -> int:
-    """Slots per block: big enough for tensor-core tiles, small enough that padding stays a few percent."""
+def _cuda_arch() -> int:
+    """Compute capability of the current CUDA device as major*10 + minor (90 for H100); 0 without CUDA."""
+    if not torch.cuda.is_available():
+        return 0
+    major, minor = torch.cuda.get_device_capability()
+    return 10 * major + minor
+
+
+def block_m_for(n_slots: int, n_experts: int, arch: int | None = None) -> int:
+    """Slots per block: big enough for tensor-core tiles, small enough that padding stays a few percent.
+    `arch`: the compute capability it is for (default: the current CUDA device's)."""
     if INTERPRETED:
         return INTERPRETER_CONFIG.block_m
     per_expert = n_slots / max(n_experts, 1)
@@ -389,7 +399,11 @@ def block_m_for(n_slots: int, n_experts: int) -> int:
         return 128
     if per_expert >= 128:
         return 64
-    return 32
+    # Hopper's warp-group MMA (wgmma) takes 64-row tiles per warp group; Triton compiles a 32-row tile to
+    # the Ampere-style mma.sync instead, which cannot reach the wgmma rate. So on sm_90 and later the
+    # smallest tile is 64 rows: at few slots per expert more of each block is padding, but the padding
+    # costs a share of a launch that is bound by weight loads, not by its MMA rate.
+    return 64 if (_cuda_arch() if arch is None else arch) >= 90 else 32
 
 
 def _autotune_enabled() -> bool:
@@ -549,40 +563,98 @@ def _config(S: int, E: int) -> KernelConfig:
 COMBINES = ("gather", "atomic")
 
 
+def forward(x, w_gate_up, w_down, topk_idx, topk_weight, combine: str, save: bool):
+    """The forward launches. x [T, d], w_gate_up [E, 2 d_e, d], w_down [E, d, d_e] contiguous, of one dtype;
+    topk_idx / topk_weight [T, k], T*k > 0 -> out [T, d], and for the backward (`save`): h [S, 2 d_e], a [S, d_e]
+    (slot-indexed), the routing metadata and the launch config (both functions of topk_idx and the shapes)."""
+    T, d = x.shape
+    E, two_de, _ = w_gate_up.shape
+    de = two_de // 2
+    k = topk_idx.shape[1]
+    S = T * k
+    dev = x.device
+    cfg = _config(S, E)
+    dot_t, prec = _dot_types(x.dtype)
+    meta = routing_metadata(topk_idx, E, cfg.block_m)
+    idx_flat = topk_idx.reshape(-1).contiguous()
+    w_flat = topk_weight.reshape(-1).contiguous()
+    a = _empty(S, de, dtype=x.dtype, device=dev)
+    h = _empty(S, two_de, dtype=x.dtype, device=dev) if save else a
+    tune = _autotune_enabled()
+    _launch_rows(_gate_up_kernel, _TUNED.get("gate_up"), _grid_rows(meta.n_blocks, de),
+                 (x, w_gate_up, h, a, meta.padded_slots, meta.block_expert, S, k, d, de, meta.n_blocks,
+                  x.stride(0), x.stride(1), *w_gate_up.stride(), h.stride(0), h.stride(1),
+                  a.stride(0), a.stride(1)),
+                 dict(SAVE_H=save, DOT_T=dot_t, PREC=prec), cfg, tune)
+    # Down projection: B[e] = w_down[e]^T viewed as [d_e (K), d (N)].
+    sd = w_down.stride()
+    out = _rows_gemm(a, w_down, (sd[0], sd[2], sd[1]), meta, w_flat, S, k, d, de, cfg, T, x.dtype, combine,
+                     idx_flat, dot_t, prec)
+    return out, h, a, meta, cfg
+
+
+def backward(dout, x, w_gate_up, w_down, topk_idx, topk_weight, h, a, meta: RoutingMeta, cfg: KernelConfig,
+             combine: str, needs: tuple[bool, bool, bool, bool]):
+    """Gradients from the residuals of `forward`. dout [T, d]; needs: whether dx, dw_gate_up, dw_down and
+    d topk_weight are wanted -> those four (None where not wanted), shapes and dtypes of the inputs."""
+    need_x, need_w1, need_w2, need_tw = needs
+    idx_flat = topk_idx.reshape(-1).contiguous()
+    w_flat = topk_weight.reshape(-1).contiguous()
+    T, d = x.shape
+    two_de = w_gate_up.shape[1]
+    de = two_de // 2
+    k = idx_flat.numel() // max(T, 1)
+    S = T * k
+    dev = x.device
+    dot_t, prec = _dot_types(x.dtype)
+    tune = _autotune_enabled()
+    dout = dout.to(x.dtype).contiguous()
+    dx = dw1 = dw2 = dtw = None
+    if need_x or need_w1 or need_tw:
+        dh = _empty(S, two_de, dtype=x.dtype, device=dev)
+        # Partial routing-weight grads, one row per d_e tile of the launch (BLOCK_N fixed for this kernel).
+        if tune:
+            cfg_b = dataclasses.replace(cfg, block_n=_TUNED["down_bwd_block_n"])
+        else:
+            cfg_b = cfg if INTERPRETED else dataclasses.replace(cfg, block_n=DOWN_BWD_BLOCK_N, num_warps=8)
+        dwp = _empty(triton.cdiv(de, cfg_b.block_n), S, dtype=torch.float32, device=dev) if need_tw else w_flat
+        sw = w_down.stride()
+        _launch_rows(_down_bwd_kernel, _TUNED.get("down_bwd"), _grid_rows(meta.n_blocks, de),
+                     (dout, w_down, h, a, w_flat, dh, dwp, meta.padded_slots, meta.block_expert,
+                      S, k, d, de, meta.n_blocks, dout.stride(0), dout.stride(1), sw[0], sw[1], sw[2],
+                      h.stride(0), h.stride(1), a.stride(0), a.stride(1), dh.stride(0), dh.stride(1),
+                      dwp.stride(0) if need_tw else 0),
+                     dict(COMPUTE_DW=bool(need_tw), DOT_T=dot_t, PREC=prec), cfg_b, tune)
+        if need_tw:
+            g = dwp.sum(0)
+            g = torch.where(idx_flat >= 0, g, torch.zeros((), dtype=g.dtype, device=dev))
+            dtw = g.to(topk_weight.dtype).view(topk_weight.shape)
+        if need_w1:
+            dw1 = _xty(dh, x, _empty(*w_gate_up.shape, dtype=w_gate_up.dtype, device=dev), meta, None, k,
+                       False, True, dot_t, prec)
+        if need_x:
+            s1 = w_gate_up.stride()  # B[e] = w_gate_up[e] as [2 d_e (K), d (N)]
+            dx = _rows_gemm(dh, w_gate_up, (s1[0], s1[1], s1[2]), meta, None, S, k, d, two_de, cfg, T,
+                            x.dtype, combine, idx_flat, dot_t, prec)
+    if need_w2:
+        dw2 = _xty(dout, a, _empty(*w_down.shape, dtype=w_down.dtype, device=dev), meta, w_flat, k,
+                   True, False, dot_t, prec)
+    return dx, dw1, dw2, dtw
+
+
 class _TritonMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, w_gate_up, w_down, topk_idx, topk_weight, combine, save):
         T, d = x.shape
-        E, two_de, _ = w_gate_up.shape
-        de = two_de // 2
-        k = topk_idx.shape[1]
-        S = T * k
-        dev = x.device
         ctx.tw_shape, ctx.tw_dtype = topk_weight.shape, topk_weight.dtype
-        if S == 0:  # empty batch (or k = 0): nothing to launch; zeros out, zero grads
+        if T * topk_idx.shape[1] == 0:  # empty batch (or k = 0): nothing to launch; zeros out, zero grads
             ctx.empty = True
             ctx.save_for_backward(x, w_gate_up, w_down)
             return x.new_zeros(T, d)
         ctx.empty = False
-        cfg = _config(S, E)
-        dot_t, prec = _dot_types(x.dtype)
-        meta = routing_metadata(topk_idx, E, cfg.block_m)
-        idx_flat = topk_idx.reshape(-1).contiguous()
-        w_flat = topk_weight.reshape(-1).contiguous()
-        a = _empty(S, de, dtype=x.dtype, device=dev)
-        h = _empty(S, two_de, dtype=x.dtype, device=dev) if save else a
-        tune = _autotune_enabled()
-        _launch_rows(_gate_up_kernel, _TUNED.get("gate_up"), _grid_rows(meta.n_blocks, de),
-                     (x, w_gate_up, h, a, meta.padded_slots, meta.block_expert, S, k, d, de, meta.n_blocks,
-                      x.stride(0), x.stride(1), *w_gate_up.stride(), h.stride(0), h.stride(1),
-                      a.stride(0), a.stride(1)),
-                     dict(SAVE_H=save, DOT_T=dot_t, PREC=prec), cfg, tune)
-        # Down projection: B[e] = w_down[e]^T viewed as [d_e (K), d (N)].
-        sd = w_down.stride()
-        out = _rows_gemm(a, w_down, (sd[0], sd[2], sd[1]), meta, w_flat, S, k, d, de, cfg, T, x.dtype, combine,
-                         idx_flat, dot_t, prec)
+        out, h, a, meta, cfg = forward(x, w_gate_up, w_down, topk_idx, topk_weight, combine, save)
         if save:
-            ctx.save_for_backward(x, w_gate_up, w_down, idx_flat, w_flat, h, a, meta.order, meta.offsets,
+            ctx.save_for_backward(x, w_gate_up, w_down, topk_idx, topk_weight, h, a, meta.order, meta.offsets,
                                   meta.padded_slots, meta.block_expert)
             ctx.meta_static = (meta.n_blocks, meta.block_m)
             ctx.cfg = cfg
@@ -596,49 +668,12 @@ class _TritonMoE(torch.autograd.Function):
             x, w_gate_up, w_down = ctx.saved_tensors
             return (torch.zeros_like(x), torch.zeros_like(w_gate_up), torch.zeros_like(w_down), None,
                     torch.zeros(ctx.tw_shape, dtype=ctx.tw_dtype, device=x.device), None, None)
-        x, w_gate_up, w_down, idx_flat, w_flat, h, a, order, offsets, padded_slots, block_expert = ctx.saved_tensors
+        x, w_gate_up, w_down, topk_idx, topk_weight, h, a, order, offsets, padded_slots, block_expert = \
+            ctx.saved_tensors
         meta = RoutingMeta(order, offsets, padded_slots, block_expert, *ctx.meta_static)
-        cfg = ctx.cfg
         need_x, need_w1, need_w2, _, need_tw = ctx.needs_input_grad[:5]
-        T, d = x.shape
-        E, two_de, _ = w_gate_up.shape
-        de = two_de // 2
-        k = idx_flat.numel() // max(T, 1)
-        S = T * k
-        dev = x.device
-        dot_t, prec = _dot_types(x.dtype)
-        tune = _autotune_enabled()
-        dout = dout.to(x.dtype).contiguous()
-        dx = dw1 = dw2 = dtw = None
-        if need_x or need_w1 or need_tw:
-            dh = _empty(S, two_de, dtype=x.dtype, device=dev)
-            # Partial routing-weight grads, one row per d_e tile of the launch (BLOCK_N fixed for this kernel).
-            if tune:
-                cfg_b = dataclasses.replace(cfg, block_n=_TUNED["down_bwd_block_n"])
-            else:
-                cfg_b = cfg if INTERPRETED else dataclasses.replace(cfg, block_n=DOWN_BWD_BLOCK_N, num_warps=8)
-            dwp = _empty(triton.cdiv(de, cfg_b.block_n), S, dtype=torch.float32, device=dev) if need_tw else w_flat
-            sw = w_down.stride()
-            _launch_rows(_down_bwd_kernel, _TUNED.get("down_bwd"), _grid_rows(meta.n_blocks, de),
-                         (dout, w_down, h, a, w_flat, dh, dwp, meta.padded_slots, meta.block_expert,
-                          S, k, d, de, meta.n_blocks, dout.stride(0), dout.stride(1), sw[0], sw[1], sw[2],
-                          h.stride(0), h.stride(1), a.stride(0), a.stride(1), dh.stride(0), dh.stride(1),
-                          dwp.stride(0) if need_tw else 0),
-                         dict(COMPUTE_DW=bool(need_tw), DOT_T=dot_t, PREC=prec), cfg_b, tune)
-            if need_tw:
-                g = dwp.sum(0)
-                g = torch.where(idx_flat >= 0, g, torch.zeros((), dtype=g.dtype, device=dev))
-                dtw = g.to(ctx.tw_dtype).view(ctx.tw_shape)
-            if need_w1:
-                dw1 = _xty(dh, x, _empty(*w_gate_up.shape, dtype=w_gate_up.dtype, device=dev), meta, None, k,
-                           False, True, dot_t, prec)
-            if need_x:
-                s1 = w_gate_up.stride()  # B[e] = w_gate_up[e] as [2 d_e (K), d (N)]
-                dx = _rows_gemm(dh, w_gate_up, (s1[0], s1[1], s1[2]), meta, None, S, k, d, two_de, cfg, T,
-                                x.dtype, ctx.combine, idx_flat, dot_t, prec)
-        if need_w2:
-            dw2 = _xty(dout, a, _empty(*w_down.shape, dtype=w_down.dtype, device=dev), meta, w_flat, k,
-                       True, False, dot_t, prec)
+        dx, dw1, dw2, dtw = backward(dout, x, w_gate_up, w_down, topk_idx, topk_weight, h, a, meta, ctx.cfg,
+                                     ctx.combine, (need_x, need_w1, need_w2, need_tw))
         return dx, dw1, dw2, None, dtw, None, None
 
 
@@ -659,6 +694,25 @@ def check_runnable(device: torch.device) -> None:
     raise RuntimeError(f"moe_experts backend 'triton': unsupported device {device}")
 
 
+def check_shapes(x, w_gate_up, w_down, topk_idx, topk_weight) -> None:
+    """ValueError unless x [T, d], w_gate_up [E, 2 d_e, d], w_down [E, d, d_e], topk_idx / topk_weight [T, k]."""
+    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3 or topk_idx.dim() != 2:
+        raise ValueError("moe_experts: expected x [T, d], w_gate_up [E, 2 d_e, d], w_down [E, d, d_e], "
+                         "topk_idx [T, k]")
+    if topk_idx.shape != topk_weight.shape or topk_idx.shape[0] != x.shape[0]:
+        raise ValueError(f"moe_experts: topk_idx {tuple(topk_idx.shape)} / topk_weight "
+                         f"{tuple(topk_weight.shape)} must both be [T={x.shape[0]}, k]")
+
+
+def check_dtypes(x, w_gate_up, w_down) -> None:
+    """TypeError unless x and both weights share one of the dtypes the kernels take (after autocast)."""
+    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
+        raise TypeError(f"moe_experts: x, w_gate_up, w_down must share a dtype; got {x.dtype}, "
+                        f"{w_gate_up.dtype}, {w_down.dtype}")
+    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"moe_experts backend 'triton': dtype {x.dtype} unsupported (float32, bfloat16, float16)")
+
+
 def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_idx: torch.Tensor,
                 topk_weight: torch.Tensor, *, combine: str | None = None) -> torch.Tensor:
     """Triton version of `reference.moe_experts` (same shapes, semantics and autocast handling).
@@ -669,22 +723,13 @@ def moe_experts(x: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, 
     if combine not in COMBINES:
         raise ValueError(f"combine: got {combine!r}; allowed: {', '.join(COMBINES)}")
     check_runnable(x.device)
-    if x.dim() != 2 or w_gate_up.dim() != 3 or w_down.dim() != 3 or topk_idx.dim() != 2:
-        raise ValueError("moe_experts: expected x [T, d], w_gate_up [E, 2 d_e, d], w_down [E, d, d_e], "
-                         "topk_idx [T, k]")
-    if topk_idx.shape != topk_weight.shape or topk_idx.shape[0] != x.shape[0]:
-        raise ValueError(f"moe_experts: topk_idx {tuple(topk_idx.shape)} / topk_weight "
-                         f"{tuple(topk_weight.shape)} must both be [T={x.shape[0]}, k]")
+    check_shapes(x, w_gate_up, w_down, topk_idx, topk_weight)
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         dt = torch.get_autocast_dtype(dev)
         with torch.autocast(dev, enabled=False):
             return moe_experts(x.to(dt), w_gate_up.to(dt), w_down.to(dt), topk_idx, topk_weight, combine=combine)
-    if not (x.dtype == w_gate_up.dtype == w_down.dtype):
-        raise TypeError(f"moe_experts: x, w_gate_up, w_down must share a dtype; got {x.dtype}, "
-                        f"{w_gate_up.dtype}, {w_down.dtype}")
-    if x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
-        raise TypeError(f"moe_experts backend 'triton': dtype {x.dtype} unsupported (float32, bfloat16, float16)")
+    check_dtypes(x, w_gate_up, w_down)
     # Keep h for the backward only when one will run (inside Function.forward grad mode is always off).
     save = torch.is_grad_enabled() and any(t.requires_grad for t in (x, w_gate_up, w_down, topk_weight))
     x, w_gate_up, w_down = x.contiguous(), w_gate_up.contiguous(), w_down.contiguous()

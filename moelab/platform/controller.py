@@ -256,9 +256,10 @@ def _exists(fs: pafs.FileSystem | None, path: str) -> bool:
     return fs.get_file_info(path).type != pafs.FileType.NotFound
 
 
-def _init_ray(log: Callable[[str], None]) -> bool:
+def _init_ray(log: Callable[[str], None], warm: bool = False) -> bool:
     """Connect to the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; True if
-    this call started it."""
+    this call started it. warm: the local Ray's idle worker processes import torch and the trainer before
+    any trial asks for them (`init_local_ray`)."""
     import ray
 
     if ray.is_initialized():
@@ -267,8 +268,36 @@ def _init_ray(log: Callable[[str], None]) -> bool:
         ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=False)
         log(f"connected to the Ray cluster at {os.environ['RAY_ADDRESS']}")
         return False
-    ray.init(log_to_driver=False, include_dashboard=False)
+    init_local_ray(warm=warm)
     return True
+
+
+WARM_DIR = str(Path(__file__).resolve().parent / "warm")
+
+
+def init_local_ray(*, warm: bool = True, **kwargs: Any) -> None:
+    """Start a local Ray (`ray.init(**kwargs)`, no dashboard, worker logs not forwarded by default).
+
+    warm: Ray's prestarted worker processes (one per CPU, handed to the first actors: the sweep's Tune
+    trials) import ray.tune, torch and the trainer as soon as they start, while the driver sets the sweep up
+    (`moelab/platform/warm/sitecustomize.py` says how). The driver's own environment is left as it was."""
+    import ray
+
+    kwargs = {"log_to_driver": False, "include_dashboard": False, **kwargs}
+    if not warm:
+        ray.init(**kwargs)
+        return
+    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MOELAB_WARM_WORKERS")}
+    os.environ["PYTHONPATH"] = os.pathsep.join([WARM_DIR, *filter(None, [saved["PYTHONPATH"]])])
+    os.environ["MOELAB_WARM_WORKERS"] = "1"
+    try:
+        ray.init(**kwargs)  # the raylet, and the workers it starts, keep the environment of this moment
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 class _PendingRows:
@@ -401,7 +430,7 @@ def _run_leased(spec: SweepSpec, trials: list[Trial], by_id: dict[str, Trial], r
     started_ray = False
     try:
         if todo:
-            started_ray = _init_ray(say)
+            started_ray = _init_ray(say, warm=spec.resources.in_tune)
             report.max_concurrent = _tune(
                 spec, todo, store, status, checkpoints, start_attempt, ray_fs, ray_path, scratch, max_concurrent,
                 wandb, worker_retries, trial_retries, say, say if verbose else (lambda msg: None), pending,

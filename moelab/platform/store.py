@@ -87,6 +87,7 @@ METRIC_COLUMNS: dict[str, pa.DataType] = {
     "aux_loss": pa.float64(), "z_loss": pa.float64(), "seq_aux_loss": pa.float64(), "tokens_per_s": pa.float64(),
     "mfu": pa.float64(), "drop_frac": pa.float64(), "imbalance": pa.float64(), "router_entropy": pa.float64(),
     "mtp_loss": pa.float64(),  # multi-token prediction (model.mtp_depth > 0): mean CE over the depths
+    "max_mem_gib": pa.float64(),  # peak CUDA memory allocated since the run's process started; NaN on CPU
 }
 METRICS_SCHEMA = pa.schema([("trial_id", pa.string()), ("attempt", pa.int64()),
                             *[(k, t) for k, t in METRIC_COLUMNS.items()]])

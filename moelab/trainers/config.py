@@ -342,15 +342,34 @@ class ModelConfig:
         """Build a ModelConfig from a Hugging Face `config.json` dict.
 
         Families (`HF_FAMILIES`): llama, mistral, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe,
-        deepseek (v1, no MLA) (MoE). DeepSeek-V2/V3 (MLA) are not yet supported.
+        deepseek (v1, no MLA) (MoE); deepseek_v2, deepseek_v3 (MLA attention; MoE after first_k_dense_replace
+        dense layers). DeepSeek-V3's `num_nextn_predict_layers` becomes `mtp_depth` (its published 671B excludes
+        that module: `param_counts()["total"] - ["mtp"]`); `hf.load_hf` drops it again when the checkpoint
+        holds no MTP tensors, as transformers' own saves do.
         """
         return _from_hf(cfg)
 
 
-HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek")
-# model_type -> why it cannot be imported yet (a clearer answer than "not in the list")
-HF_NOT_YET = {"deepseek_v2": "multi-head latent attention (MLA), which moelab does not have yet",
-              "deepseek_v3": "multi-head latent attention (MLA), which moelab does not have yet"}
+HF_FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek",
+               "deepseek_v2", "deepseek_v3")
+MLA_FAMILIES = ("deepseek_v2", "deepseek_v3")  # multi-head latent attention (ModelConfig.attention = "mla")
+
+# What transformers' DeepseekV2Config / DeepseekV3Config assume for a key config.json lacks: transformers builds
+# the model from these, so an import reads a missing key the same way (published configs set them all).
+_DEEPSEEK_DEFAULTS = {
+    "deepseek_v2": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, n_routed_experts=64, n_shared_experts=2, moe_intermediate_size=1407,
+                        routed_scaling_factor=1.0, first_k_dense_replace=0, norm_topk_prob=False,
+                        topk_method="greedy", scoring_func="softmax"),
+    "deepseek_v3": dict(q_lora_rank=1536, kv_lora_rank=512, qk_nope_head_dim=128, qk_rope_head_dim=64,
+                        v_head_dim=128, n_routed_experts=256, n_shared_experts=1, moe_intermediate_size=2048,
+                        num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                        first_k_dense_replace=3, norm_topk_prob=True, topk_method="noaux_tc",
+                        scoring_func="sigmoid", rope_interleave=True),
+}
+# The eps transformers' and DeepSeek's MLA gives the query and key/value latent norms, whatever rms_norm_eps says;
+# moelab's MLA normalises them with model.norm_eps, so the two agree only at this value.
+MLA_LATENT_NORM_EPS = 1e-6
 
 
 def _qkv_bias(mt: str, cfg: dict) -> bool:
@@ -359,11 +378,93 @@ def _qkv_bias(mt: str, cfg: dict) -> bool:
         return True  # always, no flag
     if mt == "qwen2_moe":
         return bool(cfg.get("qkv_bias", True))
-    if mt in ("mistral", "mixtral"):
-        return False  # no bias anywhere in attention; an `attention_bias` key would be ignored by transformers
+    if mt in ("mistral", "mixtral") or mt in MLA_FAMILIES:
+        # mistral/mixtral: no bias anywhere in attention (an `attention_bias` key would be ignored). MLA:
+        # `attention_bias` biases q_a_proj, kv_a_proj_with_mqa and o_proj, which moelab's MLA lacks: the loader
+        # accepts them only when zero.
+        return False
     # llama, qwen3, qwen3_moe, olmoe, deepseek: `attention_bias` puts a bias on q, k, v *and* o; the loader
     # checks that o's bias is zero (moelab's output projection has none).
     return bool(cfg.get("attention_bias", False))
+
+
+def _first_k_dense(cfg: dict, n_layers: int, first: int) -> tuple[int, ...]:
+    """DeepSeek (v1-v3): layer i is an MoE layer when i >= first_k_dense_replace and i % moe_layer_freq == 0
+    (DeepSeek's own modeling code; transformers' V2/V3 ignore moe_layer_freq, which every published checkpoint
+    sets to 1). The dense layers, ascending."""
+    freq = cfg.get("moe_layer_freq") or 1
+    return tuple(i for i in range(n_layers) if not (i >= first and i % freq == 0))
+
+
+def _mla_kwargs(mt: str, cfg: dict) -> dict[str, Any]:
+    """DeepSeek-V2/V3 attention fields -> ModelConfig keyword arguments (attention="mla" and its widths)."""
+    get = lambda key: cfg.get(key, _DEEPSEEK_DEFAULTS[mt].get(key))  # noqa: E731
+    nh = cfg["num_attention_heads"]
+    if cfg.get("num_key_value_heads") not in (None, nh):
+        # MLA decompresses a key and a value per query head; transformers' grouping of them would not even run
+        _fail("config.json num_key_value_heads", cfg["num_key_value_heads"],
+              f"num_attention_heads={nh} (or absent) for {mt}: MLA has a key and a value per head")
+    eps = float(cfg.get("rms_norm_eps", 1e-6))
+    if eps != MLA_LATENT_NORM_EPS:
+        _fail("config.json rms_norm_eps", eps, f"{MLA_LATENT_NORM_EPS} for {mt}: transformers and DeepSeek normalise "
+              f"the MLA latents with eps 1e-6 whatever rms_norm_eps says, moelab with the one model.norm_eps")
+    q_rank = get("q_lora_rank")
+    if q_rank is not None and (not isinstance(q_rank, int) or q_rank <= 0):
+        _fail("config.json q_lora_rank", q_rank, "null (a full-rank query projection) or a positive integer")
+    widths = {}
+    # 0 would mean "derived from head_dim" to ModelConfig, so each width must be given and positive
+    for key in ("kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"):
+        widths[key] = get(key)
+        if not isinstance(widths[key], int) or widths[key] <= 0:
+            _fail(f"config.json {key}", widths[key], "a positive integer")
+    if mt == "deepseek_v3" and get("rope_interleave") not in (True, False):
+        _fail("config.json rope_interleave", get("rope_interleave"), "true (DeepSeek's layout) or false")
+    d = cfg["hidden_size"]
+    # head_dim only derives MLA widths that are 0 here; transformers writes head_dim = qk_rope_head_dim, which
+    # is no width of ours. Keep the derivation base d / heads when it divides (else any value: all are set).
+    return dict(attention="mla", n_kv_heads=0, head_dim=0 if d % nh == 0 else widths["v_head_dim"],
+                q_lora_rank=q_rank or 0, qkv_bias=False, qk_norm="none", norm_eps=eps, **widths)
+
+
+def _deepseek_mla_moe(mt: str, cfg: dict, n_layers: int) -> tuple[MoEConfig, int]:
+    """DeepSeek-V2/V3 routing -> (MoEConfig, mtp_depth). All layers dense (first_k_dense_replace >= layers):
+    a dense MoEConfig."""
+    get = lambda key: cfg.get(key, _DEEPSEEK_DEFAULTS[mt].get(key))  # noqa: E731
+    dense = _first_k_dense(cfg, n_layers, get("first_k_dense_replace") or 0)
+    # transformers >= 5 may name the depth num_mtp_layers (an attribute_map alias); DeepSeek num_nextn_predict_layers
+    mtp = (cfg.get("num_nextn_predict_layers") or cfg.get("num_mtp_layers") or 0) if mt == "deepseek_v3" else 0
+    if len(dense) == n_layers:
+        return MoEConfig(), mtp
+    if get("num_experts_per_tok") is None:  # transformers' DeepseekV2Config has no default for it
+        _fail("config.json num_experts_per_tok", None, "a positive integer (routed experts per token)")
+    common = dict(n_experts=get("n_routed_experts"), top_k=get("num_experts_per_tok"),
+                  d_expert=get("moe_intermediate_size"), n_shared=get("n_shared_experts") or 0,
+                  d_shared=get("moe_intermediate_size"), routed_scaling_factor=float(get("routed_scaling_factor")),
+                  dense_layers=dense)
+    if mt == "deepseek_v2":
+        if get("scoring_func") != "softmax":
+            _fail("config.json scoring_func", get("scoring_func"), "'softmax' (DeepSeek-V2)")
+        if get("topk_method") != "greedy":
+            # V2's group_limited_greedy scores a group by its best expert; moelab's group-limited routing is
+            # DeepSeek-V3's, which scores a group by the sum of its two best
+            _fail("config.json topk_method", get("topk_method"), "'greedy' (moelab's group-limited routing is "
+                  "DeepSeek-V3's noaux_tc: a group scores the sum of its two best experts, V2's the best one)")
+        if get("norm_topk_prob"):
+            # transformers' DeepseekV2 ignores the flag and DeepSeek's own code honours it: no one function
+            _fail("config.json norm_topk_prob", True, "false for deepseek_v2 (transformers ignores it, DeepSeek's "
+                  "code renormalises: the checkpoint's function is ambiguous)")
+        return MoEConfig(score_func="softmax", renormalize=False,
+                         aux_loss_coef=cfg.get("aux_loss_alpha", 0.001), **common), 0
+    if get("scoring_func") != "sigmoid":
+        _fail("config.json scoring_func", get("scoring_func"), "'sigmoid' (DeepSeek-V3)")
+    if get("topk_method") != "noaux_tc":
+        _fail("config.json topk_method", get("topk_method"), "'noaux_tc' (DeepSeek-V3: biased, group-limited top-k)")
+    # DeepSeek-V3 balances with the aux-loss-free bias (mlp.gate.e_score_correction_bias -> router.expert_bias)
+    # and, with seq_aux, a small sequence-wise loss of weight aux_loss_alpha; no Switch loss. The bias step
+    # gamma is no part of config.json: model.moe.bias_update_rate stays 0 until set.
+    seq = float(cfg.get("aux_loss_alpha", 0.0)) if cfg.get("seq_aux") else 0.0
+    return MoEConfig(score_func="sigmoid", renormalize=bool(get("norm_topk_prob")), n_group=get("n_group") or 1,
+                     topk_group=get("topk_group") or 1, aux_loss_coef=0.0, seq_aux_loss_coef=seq, **common), mtp
 
 
 def _sparse_step_dense_layers(cfg: dict, n_layers: int) -> tuple[int, ...]:
@@ -375,21 +476,23 @@ def _sparse_step_dense_layers(cfg: dict, n_layers: int) -> tuple[int, ...]:
 
 def _from_hf(cfg: dict) -> ModelConfig:
     mt = cfg.get("model_type")
-    if mt in HF_NOT_YET:
-        _fail("config.json model_type", mt, f"{', '.join(HF_FAMILIES)} ({mt} needs {HF_NOT_YET[mt]})")
     if mt not in HF_FAMILIES:
         _fail("config.json model_type", mt, ", ".join(HF_FAMILIES))
     if cfg.get("hidden_act", "silu") not in ("silu", "swish"):
         _fail("config.json hidden_act", cfg.get("hidden_act"), "'silu' (SwiGLU)")
     if cfg.get("mlp_bias"):
         _fail("config.json mlp_bias", True, "false (moelab FFNs have no bias)")
-    if "q_lora_rank" in cfg or "kv_lora_rank" in cfg:
-        _fail("config.json kv_lora_rank", cfg.get("kv_lora_rank"), "absent: MLA (DeepSeek-V2/V3) is not supported")
+    if mt not in MLA_FAMILIES and ("q_lora_rank" in cfg or "kv_lora_rank" in cfg):
+        _fail("config.json kv_lora_rank", cfg.get("kv_lora_rank"),
+              f"absent for model_type {mt!r}: MLA is read for {', '.join(MLA_FAMILIES)} only")
     # transformers >= 5 writes `rope_parameters`; older configs `rope_theta` + `rope_scaling`.
     rp = cfg.get("rope_parameters") or {}
     for key, rs in (("rope_scaling", cfg.get("rope_scaling")), ("rope_parameters", rp)):
         if rs and (rs.get("rope_type") or rs.get("type")) not in (None, "default"):
-            _fail(f"config.json {key}", rs, "plain RoPE (rope_type 'default')")
+            # YaRN (DeepSeek-V2/V3's published configs) changes the rotary frequencies and, under MLA, also the
+            # softmax scale of every position (by mscale^2): no moelab model computes that function
+            _fail(f"config.json {key}", rs, "plain RoPE (rope_type 'default'; YaRN and other scalings are not "
+                  "supported)")
     if cfg.get("clip_qkv"):
         _fail("config.json clip_qkv", cfg["clip_qkv"], "null (QKV clipping is not supported)")
     if mt.startswith("qwen") and cfg.get("use_sliding_window"):
@@ -414,6 +517,10 @@ def _from_hf(cfg: dict) -> ModelConfig:
         qk_norm="head" if mt in ("qwen3", "qwen3_moe") else "full" if mt == "olmoe" else "none",
         tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
     )
+    if mt in MLA_FAMILIES:
+        mc = dataclasses.replace(mc, **_mla_kwargs(mt, cfg))
+        mc.moe, mc.mtp_depth = _deepseek_mla_moe(mt, cfg, mc.n_layers)
+        return mc.validate()
     # transformers >= 5 saves Qwen3-MoE's expert count as num_local_experts (an attribute_map alias)
     n_experts = cfg.get("num_experts") or cfg.get("num_local_experts")
     moe = MoEConfig()
@@ -444,13 +551,11 @@ def _from_hf(cfg: dict) -> ModelConfig:
             _fail("config.json scoring_func", cfg.get("scoring_func"), "'softmax' (DeepSeek-MoE v1)")
         if cfg.get("topk_method", "greedy") != "greedy":
             _fail("config.json topk_method", cfg.get("topk_method"), "'greedy'")
-        first = cfg.get("first_k_dense_replace", 0)
-        freq = cfg.get("moe_layer_freq", 1)
-        dense = [i for i in range(mc.n_layers) if not (i >= first and i % freq == 0)]
+        dense = _first_k_dense(cfg, mc.n_layers, cfg.get("first_k_dense_replace") or 0)
         moe = MoEConfig(n_experts=cfg["n_routed_experts"], top_k=cfg["num_experts_per_tok"],
                         d_expert=cfg["moe_intermediate_size"], n_shared=cfg.get("n_shared_experts") or 0,
                         d_shared=cfg["moe_intermediate_size"], renormalize=bool(cfg.get("norm_topk_prob", False)),
-                        aux_loss_coef=cfg.get("aux_loss_alpha", 0.001), dense_layers=tuple(dense))
+                        aux_loss_coef=cfg.get("aux_loss_alpha", 0.001), dense_layers=dense)
     mc.moe = moe
     return mc.validate()
 
@@ -516,6 +621,12 @@ class TrainConfig:
     # first 10T tokens and 0.1 for the last 4.8T; 0.1 here: runs of this lab are short and judged by the
     # next-token loss alone, so the auxiliary objective gets the smaller of the two pulls on the shared trunk.
     mtp_loss_weight: float = 0.1
+    # torch.compile each block (loop.compile_blocks; backend $MOELAB_COMPILE_BACKEND, default inductor). The first
+    # steps then include compilation: the first log window's MFU is not reported either way.
+    compile: bool = False
+    # Activation checkpointing (trainers/ac.py): "none"; "selective" recomputes every norm and attention
+    # sub-layer in the backward (not the FFN/MoE); "full" recomputes every block and MTP module.
+    activation_checkpointing: Literal["none", "selective", "full"] = "none"
 
     @property
     def micro(self) -> int:
@@ -603,6 +714,8 @@ class RunConfig:
                   f"token t+j+1, so it needs more than j positions)")
         if t.mtp_loss_weight < 0:
             _fail("train.mtp_loss_weight", t.mtp_loss_weight, ">= 0")
+        if t.activation_checkpointing not in ("none", "selective", "full"):
+            _fail("train.activation_checkpointing", t.activation_checkpointing, "'none', 'selective', 'full'")
         if t.device not in ("auto", "cpu", "cuda") and not t.device.startswith("cuda:"):
             _fail("train.device", t.device, "'auto', 'cpu', 'cuda', 'cuda:N'")
         if t.ep < 1 or (t.ep > 1 and (not self.model.moe.enabled or self.model.moe.n_experts % t.ep)):
@@ -610,6 +723,8 @@ class RunConfig:
             _fail("train.ep", t.ep, f"1, or a divisor of model.moe.n_experts={n}" if n else "1 (a dense model)")
         if t.dtype not in ("auto", "float32", "bfloat16"):
             _fail("train.dtype", t.dtype, "'auto', 'float32', 'bfloat16'")
+        if not isinstance(t.compile, bool):
+            _fail("train.compile", t.compile, "true or false")
         if o.schedule not in ("cosine", "wsd", "deepseek", "constant"):
             _fail("optim.schedule", o.schedule, "'cosine', 'wsd', 'deepseek', 'constant'")
         if o.lr <= 0:
@@ -810,13 +925,23 @@ def _presets() -> dict[str, tuple[ModelConfig, TrainConfig]]:
         # of the 16 active slots made a shared expert (top-15 + 1 shared: the same 8192 active FFN width);
         # sigmoid scores, renormalised top-k x 2.5 (routed_scaling_factor), 8 groups of 16 experts of which
         # each token may use 4; balance by the aux-loss-free bias (gamma 1e-3) plus a small sequence-wise loss
-        # (alpha 1e-4), no Switch loss and no z-loss; layer 0 dense. Attention as moe-1b (no MLA).
+        # (alpha 1e-4), no Switch loss and no z-loss; layer 0 dense. MLA with moe-1b's 32 heads, DeepSeek-V3's
+        # per-head widths (qk 128 nope + 64 rope, v 128) and latents at its ratios to d_model (q 1536 / 7168,
+        # kv 512 / 7168 -> 448 and 160; no QK-norm: MLA normalises its latents); one MTP module; norm eps 1e-6
+        # (DeepSeek-V3's, and the MLA latent norms' in transformers: `moelab export` needs it).
+        # Without MTP: 1.22B active / 6.55B total (moe-1b: 1.28B / 6.92B; MLA's attention has 13.8M parameters
+        # per layer to GQA's 16.8M) and 1.07e10 training FLOPs/token at seq 4096 (moe-1b: 8.7e9: the attention
+        # term is 2.5x, qk + v = 192 + 128 features per head to 64 + 64). The MTP module adds 73M active / 428M
+        # total parameters (an MoE block, the 2d -> d projection) and 1.3e9 FLOPs/token (its block, its
+        # attention, one more output head); `moelab presets` counts it in.
         "moe-1b-dsv3": (dataclasses.replace(_moe(_dense(2048, 16, **gpt), n_experts=128, top_k=15, d_expert=512,
                                                  n_shared=1, score_func="sigmoid", renormalize=True,
                                                  routed_scaling_factor=2.5, n_group=8, topk_group=4,
                                                  aux_loss_coef=0.0, z_loss_coef=0.0, bias_update_rate=1e-3,
                                                  seq_aux_loss_coef=1e-4, dense_layers=(0,)),
-                                            qk_norm="full"),
+                                            attention="mla", n_kv_heads=0, q_lora_rank=448, kv_lora_rank=160,
+                                            qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128,
+                                            mtp_depth=1, norm_eps=1e-6),
                         _train(seq_len=4096, batch_size=512, micro_batch_size=4, steps=100_000)),
         "1b": (_dense(2048, 16, ffn_mult=4, **gpt), _train(seq_len=4096, batch_size=512, micro_batch_size=4)),
         "3b": (_dense(3072, 28, ffn_mult=8 / 3, kv_ratio=3, **gpt),

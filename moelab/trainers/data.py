@@ -3,6 +3,8 @@
 A `TokenSource` hands out `Batch`es of token windows. `batch(split, index, batch_size, seq_len)` is a pure
 function of (source seed, split, index, batch_size, seq_len): a resumed run sees exactly the batches it
 would have seen, and eval batch `i` is the same in every run with the same seed. Sources keep no RNG state.
+`rows(...)` builds chosen rows of that batch alone: on many ranks each builds only its own share
+(`rank_batches`), and a `Prefetcher` builds the next steps' shares in a background thread.
 
 Sources (`DataConfig.source`):
 
@@ -25,10 +27,12 @@ from __future__ import annotations
 import glob
 import hashlib
 import json
+import queue
 import sysconfig
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator, Protocol
+from typing import Callable, Generic, Iterable, Iterator, Protocol, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -190,9 +194,145 @@ class TokenSource:
         """Batch number `index` of `split`; a pure function of (seed, split, index, batch_size, seq_len)."""
         raise NotImplementedError
 
+    def rows(self, split: str, index: int, batch_size: int, seq_len: int,
+             ranges: Sequence[tuple[int, int]]) -> Batch:
+        """Rows `ranges` of `batch(split, index, batch_size, seq_len)`, concatenated in order: [sum of the
+        ranges' lengths, seq_len+1]. ranges: sorted, disjoint (start, stop) row ranges. Sources override it to
+        build those rows alone; this fallback builds the batch and slices it."""
+        idx = torch.from_numpy(_range_index(ranges, batch_size))
+        b = self.batch(split, index, batch_size, seq_len)
+        return Batch(b.tokens[idx], None if b.domains is None else b.domains[idx])
+
     def describe(self) -> dict:
         """A JSON-able summary: source name, vocab, tokens per split, ..."""
         raise NotImplementedError
+
+
+def _range_index(ranges: Sequence[tuple[int, int]], batch_size: int) -> np.ndarray:
+    """The row indices of sorted, disjoint (start, stop) ranges inside a batch of batch_size; ValueError
+    naming the first range that is not."""
+    last = 0
+    for start, stop in ranges:
+        if not last <= start <= stop <= batch_size:
+            raise ValueError(f"rows: range ({start}, {stop}) is not inside the batch of {batch_size} rows after "
+                             f"row {last}; allowed: sorted, disjoint (start, stop) ranges within 0..{batch_size}")
+        last = stop
+    return np.concatenate([np.arange(a, b) for a, b in ranges] or [np.zeros(0, np.int64)]).astype(np.int64)
+
+
+def rank_rows(micro: int, n_micro: int, rank: int, world_size: int) -> list[tuple[int, int]]:
+    """The rows of a global batch that rank `rank` of `world_size` trains on: in each of the n_micro
+    micro-batches of `micro` rows, its equal share [i micro + rank n, i micro + (rank+1) n), n = micro / W.
+    The same rows `parallel.Parallel.local_rows` cuts from each micro-batch."""
+    n = micro // world_size
+    if n * world_size != micro or not 0 <= rank < world_size:
+        raise ValueError(f"rank_rows: a micro-batch of {micro} rows does not split over {world_size} ranks "
+                         f"(rank {rank})")
+    return [(i * micro + rank * n, i * micro + (rank + 1) * n) for i in range(n_micro)]
+
+
+def rank_batches(source: TokenSource, split: str, index: int, batch_size: int, seq_len: int, micro: int,
+                 rank: int = 0, world_size: int = 1) -> list[Batch]:
+    """This rank's micro-batches of batch `index`: n = batch_size / micro of them, each [micro / W, seq_len+1],
+    exactly the slices of `source.batch(split, index, batch_size, seq_len)` the rank trains on (`rank_rows`),
+    built without the other ranks' rows. A pure function of (source seed, split, index, sizes, rank layout),
+    so a resumed run sees the same tokens."""
+    if batch_size % micro:
+        raise ValueError(f"rank_batches: batch_size {batch_size} is not a multiple of the micro-batch {micro}")
+    n_micro = batch_size // micro
+    if world_size == 1:  # one process: its rows are the whole batch
+        b = source.batch(split, index, batch_size, seq_len)
+    else:
+        b = source.rows(split, index, batch_size, seq_len, rank_rows(micro, n_micro, rank, world_size))
+    n = micro // world_size
+    toks = b.tokens.split(n)
+    doms = [None] * n_micro if b.domains is None else b.domains.split(n)
+    return [Batch(t, d) for t, d in zip(toks, doms)]
+
+
+T = TypeVar("T")
+
+
+class Prefetcher(Generic[T]):
+    """`make(step)` for steps start, start+1, .., stop-1, built ahead in a daemon thread.
+
+    At most `depth` results wait in a bounded queue, so memory stays at `depth` batches whatever the speed of
+    the consumer. `get(step)` returns them in order (asking for any other step is a ValueError: the results
+    must be what `make` gives for that step, so the stream cannot skip); an exception raised by `make` is
+    re-raised in the caller's thread by the `get` for that step, with its traceback. `close()` (or leaving a
+    `with` block) stops the thread and waits for it; it never blocks on a full queue, since the producer
+    checks for shutdown between waits.
+    """
+
+    _POLL_S = 0.1  # how often a blocked producer or consumer checks for shutdown / a dead peer
+
+    def __init__(self, make: Callable[[int], T], start: int, stop: int, depth: int = 2):
+        if depth < 1:
+            raise ValueError(f"Prefetcher depth: got {depth}; allowed: an integer >= 1")
+        self._make, self._next, self._stop_at = make, start, stop
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._closing = threading.Event()
+        self._thread = threading.Thread(target=self._work, args=(start, stop), daemon=True,
+                                        name="moelab-prefetch")
+        self._thread.start()
+
+    def _put(self, item: tuple) -> bool:
+        while not self._closing.is_set():
+            try:
+                self._queue.put(item, timeout=self._POLL_S)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _work(self, start: int, stop: int) -> None:
+        for step in range(start, stop):
+            if self._closing.is_set():
+                return
+            try:
+                item = (step, self._make(step), None)
+            except BaseException as e:  # noqa: BLE001 - handed to the consumer, who re-raises it
+                self._put((step, None, e))
+                return
+            if not self._put(item):
+                return
+
+    def get(self, step: int) -> T:
+        """The result of make(step); blocks until the thread has built it."""
+        if step != self._next or step >= self._stop_at:
+            raise ValueError(f"Prefetcher: asked for step {step}; the next one built is {self._next} (of "
+                             f"{self._stop_at})")
+        while True:
+            try:
+                got, value, err = self._queue.get(timeout=self._POLL_S)
+                break
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    raise RuntimeError(f"Prefetcher: the thread ended before step {step}") from None
+        self._next += 1
+        if err is not None:
+            raise err
+        return value
+
+    def close(self) -> None:
+        """Stop the thread and wait for it (a `make` in progress finishes first)."""
+        self._closing.set()
+        while True:  # free a producer blocked on a full queue at once rather than after its poll
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def __enter__(self) -> "Prefetcher[T]":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -278,28 +418,48 @@ class SyntheticMarkov(TokenSource):
         self._init_cdf[..., -1] = 1.0
 
     # -- sampling ---------------------------------------------------------------------------------------
-    def sample(self, rng: np.random.Generator, domains: np.ndarray, length: int) -> np.ndarray:
+    def sample(self, rng: np.random.Generator, domains: np.ndarray, length: int,
+               ranges: Sequence[tuple[int, int]] | None = None, total: int | None = None) -> np.ndarray:
         """Sample one document per entry of `domains` [N]: returns [N, length] int64.
 
         Vectorised over documents; the loop runs over time steps only. Draw order (all N at step 0, then
         all N at step 1, ...) makes shorter documents exact prefixes of longer ones for the same rng state.
+
+        ranges, total: the documents are rows `ranges` (sorted, disjoint (start, stop)) of a sample of `total`
+        documents, and get exactly that sample's tokens. The uniforms of all `total` rows are drawn (one
+        double per token, in the same order), only these rows' tokens are computed: the per-token work is the
+        CDF lookup over the vocabulary, the draw is cheap. Uniforms come in chunks of time steps (about
+        8 MB), so memory does not grow with total x length.
         """
         N = len(domains)
+        total = N if total is None else total
+        keep = None if ranges is None else _range_index(ranges, total)
+        if (N if keep is None else len(keep)) != N:
+            raise ValueError(f"sample: {N} domains for the {len(keep)} rows of ranges {list(ranges)}")
+        chunk = max(1, (1 << 20) // max(total, 1))  # time steps per draw
         out = np.empty((N, length), dtype=np.int64)
-        # Inverse-transform sampling: the first index whose CDF exceeds u ~ U[0, 1).
-        u = rng.random(N)
-        out[:, 0] = (self._init_cdf[domains] <= u[:, None]).sum(-1)
-        for t in range(1, length):
-            u = rng.random(N)
-            cdf = self._trans_cdf[domains, out[:, t - 1]]  # [N, V]
+        for t in range(length):
+            if t % chunk == 0:  # rng.random((k, total)) is k successive rng.random(total), row-major
+                u_all = rng.random((min(chunk, length - t), total))
+                u_all = u_all if keep is None else u_all[:, keep]
+            u = u_all[t % chunk]
+            # Inverse-transform sampling: the first index whose CDF exceeds u ~ U[0, 1).
+            cdf = self._init_cdf[domains] if t == 0 else self._trans_cdf[domains, out[:, t - 1]]  # [N, V]
             out[:, t] = (cdf <= u[:, None]).sum(-1)
         return out
 
     def batch(self, split: str, index: int, batch_size: int, seq_len: int) -> Batch:
         """batch_size documents of seq_len+1 tokens, each from one domain drawn from the prior."""
+        return self.rows(split, index, batch_size, seq_len, [(0, batch_size)])
+
+    def rows(self, split: str, index: int, batch_size: int, seq_len: int,
+             ranges: Sequence[tuple[int, int]]) -> Batch:
+        """Rows `ranges` of the batch: all batch_size domains are drawn (one uniform each, the draw the batch
+        starts with), then only these rows' tokens (see `sample`)."""
+        idx = _range_index(ranges, batch_size)
         rng = _rng(self.seed, _check_split(split), index)
-        domains = rng.choice(self.n_domains, size=batch_size, p=self.prior)
-        tokens = self.sample(rng, domains, seq_len + 1)
+        domains = rng.choice(self.n_domains, size=batch_size, p=self.prior)[idx]
+        tokens = self.sample(rng, domains, seq_len + 1, ranges, batch_size)
         return Batch(torch.from_numpy(tokens), torch.from_numpy(domains.astype(np.int64)))
 
     # -- loss floors --------------------------------------------------------------------------------------
@@ -374,6 +534,13 @@ class TokenStream(TokenSource):
         return int(sum(len(seg) for seg in self.splits[split]))
 
     def batch(self, split: str, index: int, batch_size: int, seq_len: int) -> Batch:
+        return self.rows(split, index, batch_size, seq_len, [(0, batch_size)])
+
+    def rows(self, split: str, index: int, batch_size: int, seq_len: int,
+             ranges: Sequence[tuple[int, int]]) -> Batch:
+        """Rows `ranges` of the batch: every row's start is drawn (one integer each), only these rows'
+        windows are read."""
+        idx = _range_index(ranges, batch_size)
         rng = _rng(self.seed, _check_split(split), index)
         segs = self.splits[split]
         n_starts = np.array([max(len(seg) - seq_len, 0) for seg in segs], dtype=np.int64)
@@ -382,12 +549,12 @@ class TokenStream(TokenSource):
             raise ValueError(f"{self.name} split {split!r} has {self.n_tokens(split)} tokens (longest piece "
                              f"{longest}); a window needs seq_len + 1 = {seq_len + 1} contiguous tokens; "
                              f"lower seq_len or add data")
-        flat = rng.integers(0, int(n_starts.sum()), size=batch_size)
+        flat = rng.integers(0, int(n_starts.sum()), size=batch_size)[idx]
         # Map a flat start index to (segment, offset) through the cumulative start counts.
         ends = np.cumsum(n_starts)
         seg_of = np.searchsorted(ends, flat, side="right")
         offset = flat - (ends[seg_of] - n_starts[seg_of])
-        out = np.empty((batch_size, seq_len + 1), dtype=np.int64)
+        out = np.empty((len(idx), seq_len + 1), dtype=np.int64)
         window = np.arange(seq_len + 1)
         for s in np.unique(seg_of):
             rows = np.nonzero(seg_of == s)[0]

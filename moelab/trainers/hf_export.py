@@ -2,29 +2,39 @@
 `model.safetensors.index.json`, past `max_shard_bytes`) that `transformers.AutoModelForCausalLM
 .from_pretrained(out_dir)` loads with the same logits, and `moelab.trainers.hf.load_hf` loads back.
 
-Formats (`FORMATS`): llama, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe (MoE). Each holds a
-fixed set of features, and a model with a feature its format cannot hold is refused with an `ExportError`
-naming the feature and the formats that can hold it. Nothing is approximated:
+Formats (`FORMATS`): llama, qwen2, qwen3 (dense); mixtral, qwen2_moe, qwen3_moe, olmoe (MoE); deepseek_v3
+(MLA attention; dense or MoE). Each holds a fixed set of features, and a model with a feature its format cannot
+hold is refused with an `ExportError` naming the feature and the formats that can hold it. Nothing is
+approximated:
 
-| format | QK-norm | q/k/v bias | shared expert | top-k renormalised | dense layers | head_dim |
-| --- | --- | --- | --- | --- | --- | --- |
-| llama | none | yes (+ zero o bias) | - | - | - | any |
-| qwen2 | none | always (zero if none) | - | - | - | any |
-| qwen3 | per head | yes (+ zero o bias) | - | - | - | any |
-| mixtral | none | no | no | always | no | any |
-| qwen2_moe | none | yes | exactly one, gated | flag | yes | any |
-| qwen3_moe | per head | yes (+ zero o bias) | no | flag | yes | any |
-| olmoe | full | yes (+ zero o bias) | no | flag | no | d_model / n_heads |
+| format | attention | QK-norm | q/k/v bias | shared expert | scores | top-k renormalised | dense layers | head_dim |
+| --- | --- | --- | --- | --- | --- | --- | --- | --- |
+| llama | GQA | none | yes (+ zero o bias) | - | - | - | - | any |
+| qwen2 | GQA | none | always (zero if none) | - | - | - | - | any |
+| qwen3 | GQA | per head | yes (+ zero o bias) | - | - | - | - | any |
+| mixtral | GQA | none | no | no | softmax | always | no | any |
+| qwen2_moe | GQA | none | yes | exactly one, gated | softmax | flag | yes | any |
+| qwen3_moe | GQA | per head | yes (+ zero o bias) | no | softmax | flag | yes | any |
+| olmoe | GQA | full | yes (+ zero o bias) | no | softmax | flag | no | d_model / n_heads |
+| deepseek_v3 | MLA | none | no | ungated, n x d_expert wide | sigmoid | flag | the first k | (MLA widths) |
 
-All: softmax router scores, plain RoPE, untied or tied embeddings. In no format: sigmoid scores,
-aux-loss-free expert biases that are non-zero, group-limited routing, a routed scaling factor, a capacity
-limit (HF models drop no tokens), forced balanced routing, shared experts without a gate, MLA, MTP. Those
-are DeepSeek-V3 features, and the `deepseek_v3` format is not supported yet (it needs MLA).
+deepseek_v3 alone also holds group-limited routing (n_group, topk_group), a routed scaling factor, non-zero
+aux-loss-free expert biases (written as mlp.gate.e_score_correction_bias, kept in float32 as transformers
+keeps them) and MTP modules (`mtp_depth`, written as layers num_hidden_layers + j in DeepSeek's layout with
+`num_nextn_predict_layers`; transformers' DeepseekV3ForCausalLM skips them, moelab's load_hf reads them; the
+MTP block must be an MoE block, as DeepSeek's is). A dense MLA model is written with first_k_dense_replace =
+num_hidden_layers. MLA needs model.norm_eps = 1e-6: transformers normalises the MLA latents with that eps
+whatever rms_norm_eps says. The rope rows are written in DeepSeek's interleaved layout (`rope_interleave`
+true, as DeepSeek's own checkpoints), the inverse of `hf.rope_rows`' import permutation.
+All formats: plain RoPE, untied or tied embeddings. In no format: a capacity limit (HF models drop no
+tokens), forced balanced routing, softmax scores with group-limited routing / routed scaling / expert biases.
 LLaMA / Qwen3 / OLMoE have one `attention_bias` flag for q, k, v *and* o: a model with q/k/v biases is
 written with a zero o bias, which leaves the function unchanged (`load_hf` accepts only a zero o bias).
 
-`auto` picks from the model's features: dense -> qwen3 (QK-norm per head), qwen2 (q/k/v bias), llama;
-MoE -> qwen3_moe (QK-norm per head), qwen2_moe (shared expert), olmoe (full QK-norm), mixtral.
+`auto` picks from the model's features: MLA attention, or routing only deepseek_v3 holds (sigmoid scores,
+groups, routed scaling, non-zero expert biases, ungated shared experts, MTP) -> deepseek_v3; else dense ->
+qwen3 (QK-norm per head), qwen2 (q/k/v bias), llama; MoE -> qwen3_moe (QK-norm per head), qwen2_moe (shared
+expert), olmoe (full QK-norm), mixtral.
 
 Names written (moelab -> HF) are `hf.py`'s mapping read backwards, in the per-expert layout of published
 checkpoints (Mixtral: block_sparse_moe.experts.j.w1/w3/w2; the others: mlp.experts.j.gate/up/down_proj),
@@ -45,23 +55,30 @@ from typing import Any, Callable
 
 import torch
 
-from moelab.trainers.config import ModelConfig, MoEConfig, from_dict
+from moelab.trainers.config import MLA_LATENT_NORM_EPS, ModelConfig, MoEConfig, from_dict
+from moelab.trainers.hf import rope_rows
 from moelab.trainers.model import Transformer
 
 DENSE_FORMATS = ("llama", "qwen2", "qwen3")
 MOE_FORMATS = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe")
-FORMATS = DENSE_FORMATS + MOE_FORMATS
-NOT_YET = {"deepseek_v3": "it needs multi-head latent attention (MLA), which moelab does not have yet"}
+MLA_FORMATS = ("deepseek_v3",)  # dense or MoE
+FORMATS = DENSE_FORMATS + MOE_FORMATS + MLA_FORMATS
 ARCHITECTURES = {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM", "qwen3": "Qwen3ForCausalLM",
                  "mixtral": "MixtralForCausalLM", "qwen2_moe": "Qwen2MoeForCausalLM",
-                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM"}
+                 "qwen3_moe": "Qwen3MoeForCausalLM", "olmoe": "OlmoeForCausalLM",
+                 "deepseek_v3": "DeepseekV3ForCausalLM"}
 MAX_SHARD_BYTES = 5 * 2**30  # transformers' own default shard size
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# Written in float32 whatever the export dtype: transformers keeps DeepSeek-V3's router bias in float32
+# (`_keep_in_fp32_modules_strict`), and rounding it to 8 bits would move which experts tie-close tokens pick.
+FP32_TENSORS = (".mlp.gate.e_score_correction_bias",)
 
 # Config fields the exporter reads (the model's function) or may ignore (training only). Any other field,
 # e.g. one added to ModelConfig later, must keep its default: the exporter would not know how to write it.
 _MODEL_FIELDS = {"vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "d_ff", "max_seq_len",
-                 "rope_theta", "norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "moe", "init_std"}
+                 "rope_theta", "norm_eps", "qkv_bias", "qk_norm", "tie_embeddings", "moe", "init_std",
+                 "attention", "q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                 "mtp_depth"}
 _MOE_FIELDS = {"n_experts", "top_k", "granularity", "d_expert", "n_shared", "d_shared", "shared_gate",
                "score_func", "renormalize", "capacity_factor", "dense_layers", "force_balanced", "n_group",
                "topk_group", "routed_scaling_factor",
@@ -78,23 +95,28 @@ class ExportError(ValueError):
 class _Holds:
     """What one format can represent (see the module docstring's table)."""
 
-    moe: bool
+    models: tuple[str, ...]  # "dense", "moe"
+    attention: str  # "gqa" or "mla"
     qk_norm: str  # the one QK-norm the architecture has: "none", "full", "head"
     qkv_bias: str  # "always" (zero biases if the model has none), "flag", "with_o" (zero o bias), "never"
-    shared: str  # "none" or "gated" (Qwen2-MoE: always one gated shared expert)
+    shared: tuple[str, ...]  # shared-expert kinds: "none", "gated" (Qwen2-MoE: one gated), "ungated" (DeepSeek)
     renorm_flag: bool  # False: top-k always renormalised (Mixtral)
-    dense_layers: bool
+    dense_layers: str  # "none", "any" (a list of layers), "prefix" (the first k layers: DeepSeek)
     free_head_dim: bool  # False: head_dim is hidden_size / heads (OLMoE's QK-norm spans hidden_size)
+    score_func: str = "softmax"
+    deepseek_routing: bool = False  # groups, routed scaling, expert biases, MTP
 
 
 HOLDS = {
-    "llama": _Holds(False, "none", "with_o", "none", False, False, True),
-    "qwen2": _Holds(False, "none", "always", "none", False, False, True),
-    "qwen3": _Holds(False, "head", "with_o", "none", False, False, True),
-    "mixtral": _Holds(True, "none", "never", "none", False, False, True),
-    "qwen2_moe": _Holds(True, "none", "flag", "gated", True, True, True),
-    "qwen3_moe": _Holds(True, "head", "with_o", "none", True, True, True),
-    "olmoe": _Holds(True, "full", "with_o", "none", True, False, False),
+    "llama": _Holds(("dense",), "gqa", "none", "with_o", ("none",), False, "none", True),
+    "qwen2": _Holds(("dense",), "gqa", "none", "always", ("none",), False, "none", True),
+    "qwen3": _Holds(("dense",), "gqa", "head", "with_o", ("none",), False, "none", True),
+    "mixtral": _Holds(("moe",), "gqa", "none", "never", ("none",), False, "none", True),
+    "qwen2_moe": _Holds(("moe",), "gqa", "none", "flag", ("gated",), True, "any", True),
+    "qwen3_moe": _Holds(("moe",), "gqa", "head", "with_o", ("none",), True, "any", True),
+    "olmoe": _Holds(("moe",), "gqa", "full", "with_o", ("none",), True, "none", False),
+    "deepseek_v3": _Holds(("dense", "moe"), "mla", "none", "never", ("none", "ungated"), True, "prefix", True,
+                          "sigmoid", True),
 }
 
 
@@ -108,54 +130,80 @@ def _shared_kind(m: MoEConfig) -> str:
     return "gated" if m.shared_gate else "ungated"
 
 
-def _features(cfg: ModelConfig, model: Transformer | None) -> list[tuple[str, Callable[[str], bool], bool]]:
-    """The model's features that some format might not hold: (description, holds(format) -> bool, whether
-    the DeepSeek-V3 format, once supported, would hold it)."""
+def _dense_prefix(m: MoEConfig) -> bool:
+    """Whether the dense layers are exactly the first k (DeepSeek's first_k_dense_replace)."""
+    return sorted(m.dense_layers) == list(range(len(m.dense_layers)))
+
+
+def _features(cfg: ModelConfig, model: Transformer | None) -> list[tuple[str, Callable[[str], bool]]]:
+    """The model's features that some format might not hold: (description, holds(format) -> bool)."""
     m, h, out = cfg.moe, HOLDS, []
-    never = lambda f: False  # noqa: E731  (no supported format holds it)
-    if m.enabled:
-        out.append((f"model.moe.n_experts={m.n_experts} (an MoE)", lambda f: h[f].moe, False))
-    else:
-        out.append(("model.moe.n_experts=0 (a dense model)", lambda f: not h[f].moe, False))
-    out.append((f"model.qk_norm={cfg.qk_norm!r}", lambda f: h[f].qk_norm == cfg.qk_norm, False))
+    never = lambda f: False  # noqa: E731  (no format holds it)
+    deepseek = lambda f: h[f].deepseek_routing  # noqa: E731
+    kind = "moe" if m.enabled else "dense"
+    out.append((f"model.moe.n_experts={m.n_experts} " + ("(an MoE)" if m.enabled else "(a dense model)"),
+                lambda f: kind in h[f].models))
+    out.append((f"model.attention={cfg.attention!r}", lambda f: h[f].attention == cfg.attention))
+    out.append((f"model.qk_norm={cfg.qk_norm!r}", lambda f: h[f].qk_norm == cfg.qk_norm))
     if cfg.qkv_bias:
-        out.append(("model.qkv_bias=True", lambda f: h[f].qkv_bias != "never", False))
-    if cfg.hd != cfg.d_model // cfg.n_heads:
+        out.append(("model.qkv_bias=True", lambda f: h[f].qkv_bias != "never"))
+    if cfg.attention == "gqa" and cfg.hd != cfg.d_model // cfg.n_heads:
         out.append((f"model.head_dim={cfg.hd} (not d_model / n_heads = {cfg.d_model // cfg.n_heads})",
-                    lambda f: h[f].free_head_dim, False))
-    for name, default in _defaults(ModelConfig).items():  # e.g. MLA attention, MTP modules
+                    lambda f: h[f].free_head_dim))
+    if cfg.attention == "mla" and cfg.norm_eps != MLA_LATENT_NORM_EPS:
+        out.append((f"model.norm_eps={cfg.norm_eps} with MLA (transformers normalises the MLA latents with eps "
+                    f"{MLA_LATENT_NORM_EPS} whatever rms_norm_eps says; train with model.norm_eps="
+                    f"{MLA_LATENT_NORM_EPS})", never))
+    if cfg.mtp_depth:
+        if cfg.mtp_is_moe:
+            out.append((f"model.mtp_depth={cfg.mtp_depth} (MTP modules)", deepseek))
+        else:
+            out.append((f"model.mtp_depth={cfg.mtp_depth} with a dense last layer (DeepSeek-V3's MTP block, which "
+                        f"transformers and DeepSeek build as an MoE block, would be dense)", never))
+    for name, default in _defaults(ModelConfig).items():
         if name not in _MODEL_FIELDS and getattr(cfg, name) != default:
-            out.append((f"model.{name}={getattr(cfg, name)!r} (the exporter does not write it)", never, True))
+            out.append((f"model.{name}={getattr(cfg, name)!r} (the exporter does not write it)", never))
     if not m.enabled:
         return out
     shared = _shared_kind(m)
     out.append(({"none": "no shared expert", "gated": f"model.moe.n_shared={m.n_shared} with shared_gate",
                  "ungated": f"model.moe.n_shared={m.n_shared} without shared_gate"}[shared],
-                lambda f: h[f].shared == shared, shared == "ungated"))
+                lambda f: shared in h[f].shared))
+    if shared == "ungated" and cfg.d_shared_total % cfg.d_expert:
+        # DeepSeek's shared experts are one SwiGLU of n_shared_experts x moe_intermediate_size
+        out.append((f"ungated shared experts of total width {cfg.d_shared_total} (model.moe.n_shared x d_shared), "
+                    f"not a multiple of the expert width {cfg.d_expert}", never))
     if not m.renormalize:
-        out.append(("model.moe.renormalize=False", lambda f: h[f].renorm_flag, False))
+        out.append(("model.moe.renormalize=False", lambda f: h[f].renorm_flag))
     if m.dense_layers:
-        out.append((f"model.moe.dense_layers={list(m.dense_layers)}", lambda f: h[f].dense_layers, False))
-    if m.score_func != "softmax":
-        out.append((f"model.moe.score_func={m.score_func!r}", never, True))
+        prefix = _dense_prefix(m)
+        out.append((f"model.moe.dense_layers={list(m.dense_layers)}" + ("" if prefix else " (not the first k layers)"),
+                    lambda f: h[f].dense_layers == "any" or (h[f].dense_layers == "prefix" and prefix)))
+    out.append((f"model.moe.score_func={m.score_func!r}",
+                lambda f: "moe" in h[f].models and h[f].score_func == m.score_func))
     if m.capacity_factor > 0:
-        out.append((f"model.moe.capacity_factor={m.capacity_factor} (Hugging Face models drop no tokens)",
-                    never, False))
+        out.append((f"model.moe.capacity_factor={m.capacity_factor} (Hugging Face models drop no tokens)", never))
     if m.force_balanced:
-        out.append(("model.moe.force_balanced=True (round-robin routing)", never, False))
+        out.append(("model.moe.force_balanced=True (round-robin routing)", never))
     if m.n_group > 1:
-        out.append((f"model.moe.n_group={m.n_group} (group-limited routing)", never, True))
+        out.append((f"model.moe.n_group={m.n_group} (group-limited routing)", deepseek))
     if m.routed_scaling_factor != 1.0:
-        out.append((f"model.moe.routed_scaling_factor={m.routed_scaling_factor}", never, True))
+        out.append((f"model.moe.routed_scaling_factor={m.routed_scaling_factor}", deepseek))
     for name, default in _defaults(MoEConfig).items():
         if name not in _MOE_FIELDS and getattr(m, name) != default:
-            out.append((f"model.moe.{name}={getattr(m, name)!r} (the exporter does not write it)", never, False))
-    if model is not None:
-        biased = [i for i, layer in model.moe_layers() if layer.router.expert_bias.count_nonzero()]
-        if biased:
-            out.append((f"non-zero router expert_bias in layers {biased} (aux-loss-free balancing steers "
-                        f"top-k selection)", never, True))
+            out.append((f"model.moe.{name}={getattr(m, name)!r} (the exporter does not write it)", never))
+    biased = _biased_layers(model)
+    if biased:
+        out.append((f"non-zero router expert_bias in layers {biased} (aux-loss-free balancing steers top-k "
+                    f"selection)", deepseek))
     return out
+
+
+def _biased_layers(model: Transformer | None) -> list[int]:
+    """MoE layers (main, then MTP: see Transformer.moe_layers) whose aux-loss-free expert bias is non-zero."""
+    if model is None:
+        return []
+    return [i for i, layer in model.moe_layers() if layer.router.expert_bias.count_nonzero()]
 
 
 def _defaults(cls: type) -> dict[str, Any]:
@@ -164,13 +212,19 @@ def _defaults(cls: type) -> dict[str, Any]:
     return {f.name: getattr(fresh, f.name) for f in dataclasses.fields(cls)}
 
 
-def auto_format(cfg: ModelConfig) -> str:
-    """The format `auto` means for this model (it may still be refused by `check_format`)."""
-    if not cfg.moe.enabled:
+def auto_format(cfg: ModelConfig, model: Transformer | None = None) -> str:
+    """The format `auto` means for this model (it may still be refused by `check_format`). `model`: also
+    look at its tensors (non-zero expert biases)."""
+    m = cfg.moe
+    deepseek_routing = m.enabled and (m.score_func == "sigmoid" or m.n_group > 1 or m.routed_scaling_factor != 1.0
+                                      or _shared_kind(m) == "ungated" or bool(_biased_layers(model)))
+    if cfg.attention == "mla" or cfg.mtp_depth or deepseek_routing:
+        return "deepseek_v3"
+    if not m.enabled:
         return "qwen3" if cfg.qk_norm == "head" else "qwen2" if cfg.qkv_bias else "llama"
     if cfg.qk_norm == "head":
         return "qwen3_moe"
-    if cfg.moe.n_shared:
+    if m.n_shared:
         return "qwen2_moe"
     return "olmoe" if cfg.qk_norm == "full" else "mixtral"
 
@@ -178,19 +232,15 @@ def auto_format(cfg: ModelConfig) -> str:
 def check_format(cfg: ModelConfig, fmt: str, model: Transformer | None = None) -> str:
     """`fmt` ("auto" or one of FORMATS) resolved, or ExportError listing every feature it cannot hold and,
     for each, the formats that can. `model`: also check its tensors (non-zero expert biases)."""
-    if fmt in NOT_YET:
-        raise ExportError(f"format {fmt!r}: not yet supported: {NOT_YET[fmt]}; allowed: auto, {', '.join(FORMATS)}")
     if fmt != "auto" and fmt not in FORMATS:
         raise ExportError(f"format: got {fmt!r}; allowed: auto, {', '.join(FORMATS)}")
-    chosen = auto_format(cfg) if fmt == "auto" else fmt
+    chosen = auto_format(cfg, model) if fmt == "auto" else fmt
     problems = []
-    for what, holds, deepseek_v3 in _features(cfg, model):
+    for what, holds in _features(cfg, model):
         if holds(chosen):
             continue
         others = [f for f in FORMATS if holds(f)]
-        where = (f"formats that can: {', '.join(others)}" if others else
-                 f"no supported format can ({', '.join(FORMATS)})"
-                 + ("; deepseek_v3 could, and is not supported yet" if deepseek_v3 else ""))
+        where = f"formats that can: {', '.join(others)}" if others else f"no format can ({', '.join(FORMATS)})"
         problems.append(f"{what}: {where}")
     if problems:
         how = f"auto chose {chosen!r}" if fmt == "auto" else f"format {chosen!r}"
@@ -223,6 +273,8 @@ def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype = torch.float32,
         out["mlp_bias"] = False
     if fmt.startswith("qwen"):
         out.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+    if fmt == "deepseek_v3":
+        return _deepseek_v3_config(cfg, out)
     if not m.enabled:
         return out
     out.update(num_experts_per_tok=m.top_k, router_aux_loss_coef=m.aux_loss_coef, output_router_logits=False)
@@ -239,69 +291,154 @@ def hf_config(cfg: ModelConfig, fmt: str, dtype: torch.dtype = torch.float32,
     return out
 
 
+def _deepseek_v3_config(cfg: ModelConfig, out: dict[str, Any]) -> dict[str, Any]:
+    """`out` (the common keys) completed as a DeepSeek-V3 config.json: MLA widths, routing, dense prefix, MTP.
+    The keys DeepSeek's own config.json has beyond transformers' (scoring_func, topk_method, moe_layer_freq)
+    are written too, so DeepSeek-layout readers find the function spelled out."""
+    m = cfg.moe
+    # transformers sets head_dim to the rope width (its rotary tables' width) and grows the KV heads to all heads
+    out.update(head_dim=cfg.qk_rope_dim, num_key_value_heads=cfg.n_heads, attention_bias=False,
+               q_lora_rank=cfg.q_lora_rank or None, kv_lora_rank=cfg.kv_rank, qk_nope_head_dim=cfg.qk_nope_dim,
+               qk_rope_head_dim=cfg.qk_rope_dim, v_head_dim=cfg.v_dim, rope_interleave=True,
+               num_nextn_predict_layers=cfg.mtp_depth, scoring_func="sigmoid", topk_method="noaux_tc",
+               moe_layer_freq=1, output_router_logits=False)
+    if not m.enabled:
+        # every layer dense (first_k_dense_replace = all); the MoE keys describe no layer and are placeholders
+        # transformers' config accepts (two experts: its router scores groups by their two best)
+        return dict(out, first_k_dense_replace=cfg.n_layers, n_routed_experts=2, num_experts_per_tok=1,
+                    moe_intermediate_size=cfg.d_ff, n_shared_experts=0, n_group=1, topk_group=1,
+                    routed_scaling_factor=1.0, norm_topk_prob=True)
+    return dict(out, first_k_dense_replace=len(m.dense_layers), n_routed_experts=m.n_experts,
+                num_experts_per_tok=m.top_k, moe_intermediate_size=cfg.d_expert,
+                n_shared_experts=cfg.d_shared_total // cfg.d_expert, n_group=m.n_group, topk_group=m.topk_group,
+                routed_scaling_factor=m.routed_scaling_factor, norm_topk_prob=m.renormalize,
+                seq_aux=m.seq_aux_loss_coef > 0, aux_loss_alpha=m.seq_aux_loss_coef)
+
+
 def hf_tensors(model: Transformer, fmt: str) -> dict[str, torch.Tensor]:
     """HF name -> tensor (views into the model's parameters: clone before saving). Raises ExportError when a
     moelab tensor finds no place (a feature this exporter does not know)."""
-    cfg, h = model.cfg, HOLDS[fmt]
+    cfg = model.cfg
     sd = {k: v.detach() for k, v in model.state_dict().items()}
-    taken: set[str] = set()
-    out: dict[str, torch.Tensor] = {}
-
-    def put(hf_name: str, ours: str, t: torch.Tensor | None = None) -> None:
-        taken.add(ours)
-        out[hf_name] = sd[ours] if t is None else t
-
-    put("model.embed_tokens.weight", "embed.weight")
-    put("model.norm.weight", "norm.weight")
+    w = _Writer(cfg, fmt, sd)
+    w.put("model.embed_tokens.weight", "embed.weight")
+    w.put("model.norm.weight", "norm.weight")
     if cfg.tie_embeddings:
-        taken.add("lm_head.weight")  # the same tensor as the embedding: transformers ties it back
+        w.taken.add("lm_head.weight")  # the same tensor as the embedding: transformers ties it back
     else:
-        put("lm_head.weight", "lm_head.weight")
+        w.put("lm_head.weight", "lm_head.weight")
     for i in range(cfg.n_layers):
-        src, dst = f"layers.{i}.", f"model.layers.{i}."
-        put(dst + "input_layernorm.weight", src + "attn_norm.weight")
-        put(dst + "post_attention_layernorm.weight", src + "ffn_norm.weight")
-        for p in "qkvo":
-            put(dst + f"self_attn.{p}_proj.weight", src + f"attn.w{p}.weight")
-        for p in "qkv":
-            w = sd[src + f"attn.w{p}.weight"]
-            if cfg.qkv_bias:
-                put(dst + f"self_attn.{p}_proj.bias", src + f"attn.w{p}.bias")
-            elif h.qkv_bias == "always":  # Qwen2 always has q/k/v biases: zero ones leave the function as is
-                out[dst + f"self_attn.{p}_proj.bias"] = w.new_zeros(w.shape[0])
-        if cfg.qkv_bias and h.qkv_bias == "with_o":  # attention_bias biases o_proj too
-            out[dst + "self_attn.o_proj.bias"] = sd[src + "attn.wo.weight"].new_zeros(cfg.d_model)
-        if cfg.qk_norm != "none":
-            put(dst + "self_attn.q_norm.weight", src + "attn.q_norm.weight")
-            put(dst + "self_attn.k_norm.weight", src + "attn.k_norm.weight")
-        if not cfg.is_moe_layer(i):
-            gate, up = sd[src + "ffn.gate_up.weight"].chunk(2)  # gate rows first
-            put(dst + "mlp.gate_proj.weight", src + "ffn.gate_up.weight", gate)
-            out[dst + "mlp.up_proj.weight"] = up
-            put(dst + "mlp.down_proj.weight", src + "ffn.down.weight")
-            continue
-        mlp = dst + ("block_sparse_moe." if fmt == "mixtral" else "mlp.")
-        names = ("w1", "w3", "w2") if fmt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
-        put(mlp + "gate.weight", src + "ffn.router.weight")
-        taken.add(src + "ffn.router.expert_bias")  # checked to be zero by check_format
+        w.block(f"layers.{i}.", f"model.layers.{i}.", cfg.is_moe_layer(i))
+    for j in range(cfg.mtp_depth):  # checked: deepseek_v3 only
+        w.mtp(j)
+    left = sorted(set(sd) - w.taken)
+    if left:
+        raise ExportError(f"format {fmt!r}: moelab tensors {left[:3]}{' ...' if len(left) > 3 else ''} have no "
+                          f"place in it (a model feature this exporter does not write)")
+    return w.out
+
+
+class _Writer:
+    """moelab state dict -> HF tensors of one format, remembering which moelab tensors found a place."""
+
+    def __init__(self, cfg: ModelConfig, fmt: str, sd: dict[str, torch.Tensor]):
+        self.cfg, self.fmt, self.h, self.sd = cfg, fmt, HOLDS[fmt], sd
+        self.taken: set[str] = set()
+        self.out: dict[str, torch.Tensor] = {}
+
+    def put(self, hf_name: str, ours: str, t: torch.Tensor | None = None) -> None:
+        self.taken.add(ours)
+        self.out[hf_name] = self.sd[ours] if t is None else t
+
+    def glu(self, gate: str, up: str, down: str, ours: str) -> None:
+        """A moelab SwiGLU under `ours` ("layers.0.ffn.") -> HF gate / up / down projections."""
+        g, u = self.sd[ours + "gate_up.weight"].chunk(2)  # gate rows first
+        self.put(gate, ours + "gate_up.weight", g)
+        self.out[up] = u
+        self.put(down, ours + "down.weight")
+
+    def block(self, src: str, dst: str, moe: bool) -> None:
+        """One moelab block under `src` ("layers.3.") -> HF decoder-layer names under `dst`."""
+        cfg, h, sd, out = self.cfg, self.h, self.sd, self.out
+        self.put(dst + "input_layernorm.weight", src + "attn_norm.weight")
+        self.put(dst + "post_attention_layernorm.weight", src + "ffn_norm.weight")
+        if cfg.attention == "mla":
+            self.mla(src + "attn.", dst + "self_attn.")
+        else:
+            for p in "qkvo":
+                self.put(dst + f"self_attn.{p}_proj.weight", src + f"attn.w{p}.weight")
+            for p in "qkv":
+                w = sd[src + f"attn.w{p}.weight"]
+                if cfg.qkv_bias:
+                    self.put(dst + f"self_attn.{p}_proj.bias", src + f"attn.w{p}.bias")
+                elif h.qkv_bias == "always":  # Qwen2 always has q/k/v biases: zero ones leave the function as is
+                    out[dst + f"self_attn.{p}_proj.bias"] = w.new_zeros(w.shape[0])
+            if cfg.qkv_bias and h.qkv_bias == "with_o":  # attention_bias biases o_proj too
+                out[dst + "self_attn.o_proj.bias"] = sd[src + "attn.wo.weight"].new_zeros(cfg.d_model)
+            if cfg.qk_norm != "none":
+                self.put(dst + "self_attn.q_norm.weight", src + "attn.q_norm.weight")
+                self.put(dst + "self_attn.k_norm.weight", src + "attn.k_norm.weight")
+        if not moe:
+            self.glu(dst + "mlp.gate_proj.weight", dst + "mlp.up_proj.weight", dst + "mlp.down_proj.weight",
+                     src + "ffn.")
+            return
+        mlp = dst + ("block_sparse_moe." if self.fmt == "mixtral" else "mlp.")
+        names = ("w1", "w3", "w2") if self.fmt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        self.put(mlp + "gate.weight", src + "ffn.router.weight")
+        if self.fmt == "deepseek_v3":
+            self.put(mlp + "gate.e_score_correction_bias", src + "ffn.router.expert_bias")
+        else:
+            self.taken.add(src + "ffn.router.expert_bias")  # checked to be zero by check_format
         w_gate_up, w_down = sd[src + "ffn.w_gate_up"], sd[src + "ffn.w_down"]  # [E, 2 d_e, d], [E, d, d_e]
-        taken.update({src + "ffn.w_gate_up", src + "ffn.w_down"})
+        self.taken.update({src + "ffn.w_gate_up", src + "ffn.w_down"})
         for j in range(cfg.moe.n_experts):
             gate, up = w_gate_up[j].chunk(2)
             out[mlp + f"experts.{j}.{names[0]}.weight"] = gate
             out[mlp + f"experts.{j}.{names[1]}.weight"] = up
             out[mlp + f"experts.{j}.{names[2]}.weight"] = w_down[j]
+        shared = mlp + ("shared_experts." if self.fmt == "deepseek_v3" else "shared_expert.")
         if cfg.moe.n_shared:  # one SwiGLU of width n_shared * d_shared (see ModelConfig.d_shared_total)
-            gate, up = sd[src + "ffn.shared.gate_up.weight"].chunk(2)
-            put(mlp + "shared_expert.gate_proj.weight", src + "ffn.shared.gate_up.weight", gate)
-            out[mlp + "shared_expert.up_proj.weight"] = up
-            put(mlp + "shared_expert.down_proj.weight", src + "ffn.shared.down.weight")
-            put(mlp + "shared_expert_gate.weight", src + "ffn.shared_gate.weight")
-    left = sorted(set(sd) - taken)
-    if left:
-        raise ExportError(f"format {fmt!r}: moelab tensors {left[:3]}{' ...' if len(left) > 3 else ''} have no "
-                          f"place in it (a model feature this exporter does not write)")
-    return out
+            self.glu(shared + "gate_proj.weight", shared + "up_proj.weight", shared + "down_proj.weight",
+                     src + "ffn.shared.")
+            if cfg.moe.shared_gate:
+                self.put(mlp + "shared_expert_gate.weight", src + "ffn.shared_gate.weight")
+        elif self.fmt == "deepseek_v3":
+            # DeepSeek-V3 always builds shared experts, n_shared_experts x moe_intermediate_size wide: with 0 of
+            # them a SwiGLU of width 0, which adds nothing (written so that transformers misses no tensor)
+            z = sd[src + "ffn.router.weight"]
+            d = cfg.d_model
+            out.update({shared + "gate_proj.weight": z.new_zeros(0, d), shared + "up_proj.weight": z.new_zeros(0, d),
+                        shared + "down_proj.weight": z.new_zeros(d, 0)})
+
+    def mla(self, src: str, dst: str) -> None:
+        """moelab MLA under `src` ("layers.3.attn.") -> DeepSeek-V3 attention under `dst`, rope rows in
+        DeepSeek's interleaved layout (hf.py's import permutation undone)."""
+        cfg, sd = self.cfg, self.sd
+        nope, rope, kv = cfg.qk_nope_dim, cfg.qk_rope_dim, cfg.kv_rank
+        if cfg.q_lora_rank:
+            self.put(dst + "q_a_proj.weight", src + "wq_a.weight")
+            self.put(dst + "q_a_layernorm.weight", src + "q_norm.weight")
+            q_src, q_dst = src + "wq_b.weight", dst + "q_b_proj.weight"
+        else:
+            q_src, q_dst = src + "wq.weight", dst + "q_proj.weight"
+        self.put(q_dst, q_src, rope_rows(sd[q_src], nope + rope, nope, rope, "interleaved"))
+        self.put(dst + "kv_a_proj_with_mqa.weight", src + "wkv_a.weight",
+                 rope_rows(sd[src + "wkv_a.weight"], kv + rope, kv, rope, "interleaved"))
+        self.put(dst + "kv_a_layernorm.weight", src + "kv_norm.weight")
+        self.put(dst + "kv_b_proj.weight", src + "wkv_b.weight")
+        self.put(dst + "o_proj.weight", src + "wo.weight")
+
+    def mtp(self, j: int) -> None:
+        """moelab MTP module j -> DeepSeek-V3's layout at layer num_hidden_layers + j, with the copies of the
+        shared embedding and head that DeepSeek's checkpoints store per module."""
+        cfg, src, dst = self.cfg, f"mtp.{j}.", f"model.layers.{self.cfg.n_layers + j}."
+        self.put(dst + "enorm.weight", src + "embed_norm.weight")
+        self.put(dst + "hnorm.weight", src + "hidden_norm.weight")
+        self.put(dst + "eh_proj.weight", src + "proj.weight")
+        self.put(dst + "shared_head.norm.weight", src + "out_norm.weight")
+        self.block(src + "block.", dst, cfg.mtp_is_moe)
+        self.out[dst + "embed_tokens.weight"] = self.sd["embed.weight"]
+        self.out[dst + "shared_head.head.weight"] = self.sd["embed.weight" if cfg.tie_embeddings else "lm_head.weight"]
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -421,7 +558,7 @@ def export(source: str | Path | Transformer, out_dir: str | Path, format: str = 
     if max_shard_bytes <= 0:
         raise ExportError(f"max_shard_bytes: got {max_shard_bytes}; allowed: a positive number of bytes")
     if format != "auto" and format not in FORMATS:
-        check_format(ModelConfig(), format)  # raises the "not yet" / "allowed" error before any loading
+        check_format(ModelConfig(), format)  # raises the "allowed" error before any loading
     out = Path(out_dir)
     _check_out_dir(out, force, None if isinstance(source, Transformer) else Path(source))
     model, run = load_model(source)
@@ -480,23 +617,23 @@ def _write(root: Path, config: dict, tensors: dict[str, torch.Tensor], dtype: to
     from safetensors.torch import save_file
 
     (root / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    dtypes = {k: torch.float32 if k.endswith(FP32_TENSORS) else dtype for k in tensors}
+    nbytes = {k: t.numel() * torch.empty((), dtype=dtypes[k]).element_size() for k, t in tensors.items()}
     shards: list[list[str]] = [[]]
     size = 0
-    itemsize = torch.empty((), dtype=dtype).element_size()
-    for name, t in tensors.items():
-        n = t.numel() * itemsize
-        if shards[-1] and size + n > max_shard_bytes:
+    for name in tensors:
+        if shards[-1] and size + nbytes[name] > max_shard_bytes:
             shards.append([])
             size = 0
         shards[-1].append(name)
-        size += n
-    total = sum(t.numel() * itemsize for t in tensors.values())
+        size += nbytes[name]
+    total = sum(nbytes.values())
     names = (["model.safetensors"] if len(shards) == 1 else
              [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
     weight_map = {}
     for file, keys in zip(names, shards):
         # clone: gate and up rows are views of one moelab matrix, and safetensors refuses shared storage
-        save_file({k: tensors[k].to("cpu", dtype).contiguous().clone() for k in keys}, str(root / file),
+        save_file({k: tensors[k].to("cpu", dtypes[k]).contiguous().clone() for k in keys}, str(root / file),
                   metadata={"format": "pt"})
         weight_map.update({k: file for k in keys})
     if len(shards) > 1:

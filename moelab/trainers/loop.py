@@ -5,7 +5,9 @@ checkpoint holds everything else that changes (weights, router biases, AdamW mom
 trajectory after `--resume` equals the uninterrupted one.
 
 The same Trainer runs on many ranks (torchrun, Ray Train) when given a `parallel.Parallel`: each rank
-trains on its slice of every global micro-batch with an FSDP2 + expert-parallel model (see `parallel.py`);
+trains on its slice of every global micro-batch with an FSDP2 + expert-parallel model (see `parallel.py`),
+built on `meta` and initialised shard by shard (`_build_model`), its slices built by the rank itself, ahead,
+on a background thread (`data.rank_batches`, `data.Prefetcher`);
 losses, gradient norm and MoE statistics are reduced over all ranks; rank 0 alone writes metrics, the
 summary and prints. Checkpoints are then sharded `torch.distributed.checkpoint` (DCP) directories
 `ckpt-<step>/` that load at any world size or EP size, a single process included. A single process keeps
@@ -33,10 +35,11 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 import torch.nn.functional as F
 
+from moelab.trainers.ac import apply_ac
 from moelab.trainers.config import ConfigError, RunConfig, to_dict
-from moelab.trainers.data import TokenSource, build_source
+from moelab.trainers.data import Batch, Prefetcher, TokenSource, build_source, rank_batches
 from moelab.trainers.hardware import peak_flops
-from moelab.trainers.model import Transformer, build_model
+from moelab.trainers.model import Transformer, meta_model
 from moelab.trainers.moe import domain_expert_counts
 from moelab.trainers.optim import build_optimizer, set_lr
 
@@ -48,6 +51,30 @@ DCP_PREFIX = "ckpt-"  # sharded checkpoints: <out>/ckpt-<step, 8 digits>/ (compl
 DCP_META = "meta.json"
 # Test hook: `MOELAB_FAULT_NAN_AT_STEP=N` makes step N's loss NaN, to exercise the divergence path end to end.
 FAULT_NAN_ENV = "MOELAB_FAULT_NAN_AT_STEP"
+
+
+COMPILE_BACKEND_ENV = "MOELAB_COMPILE_BACKEND"  # torch.compile backend of train.compile (default inductor)
+
+
+def compile_blocks(model: Transformer, backend: str | None = None) -> Transformer:
+    """`train.compile`: torch.compile each block (main layers and the MTP modules' blocks) in place.
+
+    Per block rather than the whole model: every block has the same code, so one compilation serves all of
+    them, and the embedding, head and loss stay eager. In place (`nn.Module.compile`) rather than wrapped, so
+    parameter names, state dicts and checkpoints are those of an uncompiled model. The MoE experts run as a
+    custom op there (`moelab.kernels.custom_op`), so a block compiles to one graph; with expert parallelism
+    (ep > 1) the token dispatch, whose all-to-all sizes come from the routing, splits it in a few. Not
+    `fullgraph=True`: under FSDP the block's pre/post-forward hooks run eagerly around the graph (Dynamo
+    skips them), and the EP dispatch runs eagerly between graphs. Compilation happens at the
+    first forward; `backend` (default $MOELAB_COMPILE_BACKEND, else "inductor") is any torch.compile backend
+    ("aot_eager": the graphs without code generation, for tests)."""
+    backend = backend or os.environ.get(COMPILE_BACKEND_ENV) or "inductor"
+    known = torch._dynamo.list_backends(exclude_tags=())
+    if backend not in known:
+        raise ConfigError(f"${COMPILE_BACKEND_ENV}: got {backend!r}; allowed: {', '.join(sorted(known))}")
+    for block in [*model.layers, *(m.block for m in model.mtp)]:
+        block.compile(backend=backend)
+    return model
 
 
 class CheckpointError(ValueError):
@@ -236,15 +263,17 @@ def read_metrics_jsonl(path: Path, *, partial_last: bool = True) -> list[dict[st
 
 @dataclass
 class StepStats:
-    """MoE statistics summed over the steps since the last log line."""
+    """MoE statistics summed over the steps since the last log line. They stay on the device (float64 sums,
+    which add the layers' float32 values exactly as Python floats would) until `Trainer.moe_metrics` reads
+    them, once per log line."""
 
     load: list[torch.Tensor] = field(default_factory=list)  # per MoE layer: slots per expert [E]
     # per MoE layer: slots per (domain, expert) [n_domains, E] int64; empty when batches carry no domains
     domain: list[torch.Tensor] = field(default_factory=list)
-    dropped: float = 0.0
-    slots: float = 0.0
-    entropy: float = 0.0
-    n_entropy: int = 0
+    dropped: torch.Tensor | float = 0.0  # slots dropped by the capacity limit
+    slots: torch.Tensor | float = 0.0  # slots routed (a host number in one process: token counts are known)
+    entropy: torch.Tensor | float = 0.0  # router entropy, summed over layers and micro-steps
+    n_entropy: torch.Tensor | int = 0
 
 
 class Trainer:
@@ -280,34 +309,15 @@ class Trainer:
         if self.source.vocab_size > rc.model.vocab_size:
             raise ConfigError(f"model.vocab_size: got {rc.model.vocab_size}; allowed: >= {self.source.vocab_size}, "
                               f"the vocabulary of data.source={rc.data.source!r}")
-        if model is None and rc.upcycle.source:  # continue from, or upcycle, another model's weights
-            from moelab.trainers.upcycle import initial_model
-
-            where = f"upcycle.source {rc.upcycle.source}"
-            try:
-                model = initial_model(rc)
-            except pickle.UnpicklingError as e:
-                raise CheckpointError(f"{where}: refused: the file holds pickled Python objects besides tensors "
-                                      f"and plain values, which could run code when loaded. Not loaded "
-                                      f"({str(e).splitlines()[0][:200]})") from None
-            except (EOFError, RuntimeError) as e:
-                if "PytorchStreamReader" not in str(e) and not isinstance(e, EOFError):
-                    raise
-                raise CheckpointError(f"{where}: not a readable checkpoint (truncated, or not written by "
-                                      f"torch.save): {str(e).splitlines()[0][:200]}") from None
         if model is not None and model.cfg != rc.model:
             raise ConfigError("Trainer(model=...): the model's config differs from rc.model")
-        self.model: Transformer = (model.to(self.device) if model is not None
-                                   else build_model(rc.model, seed=rc.train.seed, device=self.device))
         if self.par:
-            from moelab.trainers.parallel import check_batch, parallelize
+            from moelab.trainers.parallel import check_batch
 
             if rc.train.ep != self.par.ep:
                 raise ConfigError(f"train.ep: got {rc.train.ep}, but the process mesh has ep={self.par.ep}")
             check_batch(rc, self.par)
-            # FSDP gathers parameters in bf16 on CUDA (gradients reduced in fp32); fp32 on CPU.
-            param_dtype = self.amp_dtype if self.device.type == "cuda" else None
-            parallelize(self.model, self.par, param_dtype)
+        self.model: Transformer = self._build_model(model)
         self.opt = build_optimizer(self.model, rc.optim)
         # Sequences per micro-step over all ranks. On W ranks train.micro_batch_size counts per rank, so W
         # ranks at micro m train exactly like one process at micro m x W (0: the whole batch at once).
@@ -319,6 +329,51 @@ class Trainer:
         self.flops_per_token = rc.model.flops_per_token(rc.train.seq_len)
         self.wall_offset = 0.0  # wall seconds of earlier attempts (resume)
         self.checkpoint_path: Path | None = None  # the newest checkpoint written or loaded
+        self._prefetch: Prefetcher | None = None  # set while `run` trains (`_prefetching`)
+
+    def _build_model(self, model: Transformer | None) -> Transformer:
+        """The model this rank trains. Unless given one, it is built on `meta`, sharded (many ranks), then
+        materialised on the device and filled shard by shard: a fresh initialisation (`init_weights`, the
+        values one process draws) or `upcycle.source` (`upcycle.init_from_source`). No rank ever holds the
+        whole model, and none draws what it does not keep."""
+        # FSDP gathers parameters in bf16 on CUDA (gradients reduced in fp32); fp32 on CPU.
+        param_dtype = self.amp_dtype if self.device.type == "cuda" else None
+        ac = self.rc.train.activation_checkpointing  # applied to the plain model, before FSDP wraps its blocks
+        if model is not None:
+            model = apply_ac(model.to(self.device), ac)
+            if self.rc.train.compile:  # per block, after AC and before FSDP wraps the blocks (torchtitan's order)
+                compile_blocks(model)
+            if self.par:
+                from moelab.trainers.parallel import parallelize
+
+                parallelize(model, self.par, param_dtype)
+            return model
+        model = apply_ac(meta_model(self.rc.model), ac)
+        if self.rc.train.compile:  # lazily, at the first forward: materialising the weights below is unaffected
+            compile_blocks(model)
+        if self.par:
+            from moelab.trainers.parallel import parallelize
+
+            parallelize(model, self.par, param_dtype)
+        model.to_empty(device=self.device)
+        if not self.rc.upcycle.source:
+            model.init_weights(self.rc.train.seed)
+            return model
+        from moelab.trainers.upcycle import init_from_source  # continue from, or upcycle, another model
+
+        where = f"upcycle.source {self.rc.upcycle.source}"
+        try:
+            init_from_source(model, self.rc)
+        except pickle.UnpicklingError as e:
+            raise CheckpointError(f"{where}: refused: the file holds pickled Python objects besides tensors "
+                                  f"and plain values, which could run code when loaded. Not loaded "
+                                  f"({str(e).splitlines()[0][:200]})") from None
+        except (EOFError, RuntimeError) as e:
+            if "PytorchStreamReader" not in str(e) and not isinstance(e, EOFError):
+                raise
+            raise CheckpointError(f"{where}: not a readable checkpoint (truncated, or not written by "
+                                  f"torch.save): {str(e).splitlines()[0][:200]}") from None
+        return model
 
     # -- checkpoints ------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path:
@@ -435,7 +490,8 @@ class Trainer:
         FQN-keyed state dicts, and let every rank keep its shards."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-        plain = Transformer(self.rc.model)
+        plain = meta_model(self.rc.model)
+        plain.to_empty(device="cpu")  # storage without draws: every value is loaded below
         check_state_dict(state["model"], plain.state_dict(), where, configs)
         plain.load_state_dict(state["model"])
         opt = build_optimizer(plain, self.rc.optim)
@@ -487,43 +543,74 @@ class Trainer:
         return obj, ce, moe
 
     def train_step(self, stats: StepStats) -> dict[str, float]:
-        """One optimiser step over `batch_size` sequences in micro-batches. Returns scalar metrics."""
+        """One optimiser step over `batch_size` sequences in micro-batches. Returns scalar metrics, read from
+        the device at once; raises Diverged if the loss is not finite (after the optimiser step: the check
+        needs the host to read the loss). `run` calls `_step`, which reads nothing, and `_read_rows` once per
+        log line."""
+        return self._read_rows([self._step(stats)])
+
+    def _layout(self) -> tuple[int, int]:
+        """(rank, world size) of this process: the rows of each global batch it builds and trains on."""
+        return (self.par.rank, self.par.world_size) if self.par else (0, 1)
+
+    def _train_batches(self, step: int) -> list[Batch]:
+        """This rank's micro-batches of training step `step`, on the host: a function of (data seed, step,
+        rank layout) alone, the rows `Parallel.local_rows` would cut from the global batch (`rank_batches`)."""
+        t = self.rc.train
+        return rank_batches(self.source, "train", step, t.batch_size, t.seq_len, self.micro, *self._layout())
+
+    def _next_batches(self) -> list[Batch]:
+        """Step self.step's micro-batches: from the prefetch thread inside `run`, else built here."""
+        if self._prefetch is not None:
+            return self._prefetch.get(self.step)
+        return self._train_batches(self.step)
+
+    @contextlib.contextmanager
+    def _prefetching(self):
+        """Inside: the batches of steps self.step .. total_steps-1 are built ahead on a daemon thread (two steps
+        ahead at most), so the host prepares step i+1's data while step i trains. Stopped on exit, also when
+        a step raises."""
+        self._prefetch = Prefetcher(self._train_batches, self.step, self.total_steps, depth=2)
+        try:
+            yield self._prefetch
+        finally:
+            self._prefetch.close()
+            self._prefetch = None
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        """A host batch on the training device. On CUDA through pinned memory and non_blocking: a copy from
+        pageable memory would make the host wait for the device's queue to drain."""
+        if self.device.type != "cuda":
+            return t.to(self.device)
+        return t.pin_memory().to(self.device, non_blocking=True)
+
+    def _step(self, stats: StepStats) -> dict[str, Any]:
+        """One optimiser step without a host read (the host can queue the next step while the device runs
+        this one). Returns the step's metrics for `_read_rows`: on the device `sums` [5] (cross-entropy, aux,
+        z, sequence-wise balance and MTP losses, each summed over the micro-steps) and `grad_norm`; on the
+        host `lr`, `step` (the step's index) and `n_micro`."""
         t = self.rc.train
         lr = set_lr(self.opt, self.step, self.total_steps, self.rc.optim)
-        b = self.source.batch("train", self.step, t.batch_size, t.seq_len)
-        batch = b.tokens.to(self.device)
-        # Routing per domain is counted only where the source knows each row's domain (synthetic).
-        domains = b.domains.to(self.device) if b.domains is not None and self.source.n_domains else None
-        n_micro = t.batch_size // self.micro
-        ce_sum = aux_sum = z_sum = seq_sum = mtp_sum = 0.0
-        for i, mb in enumerate(batch.split(self.micro)):
-            dom = None if domains is None else domains[i * self.micro:(i + 1) * self.micro]
-            if self.par:
-                mb = self.par.local_rows(mb)
-                dom = None if dom is None else self.par.local_rows(dom)
+        micro_batches = self._next_batches()  # this rank's rows of each micro-batch of step self.step
+        n_micro = len(micro_batches)
+        sums = None
+        for b in micro_batches:
+            mb = self._to_device(b.tokens)
+            # Routing per domain is counted only where the source knows each row's domain (synthetic).
+            dom = self._to_device(b.domains) if b.domains is not None and self.source.n_domains else None
             obj, ce, moe = self._loss(mb)
             (obj / n_micro).backward()
-            ce_sum += ce.detach()
-            aux_sum += moe["aux_loss"].detach()
-            z_sum += moe["z_loss"].detach()
-            seq_sum += moe["seq_aux_loss"].detach()
-            mtp_sum += moe["mtp_loss"].detach()
+            losses = torch.stack([ce.detach().float(), *(moe[k].detach().float() for k in
+                                                         ("aux_loss", "z_loss", "seq_aux_loss", "mtp_loss"))])
+            sums = losses if sums is None else sums + losses  # in micro-step order, as float32
             self._collect(stats, dom)
-        if self.par:  # every rank sees the same, global values (and so agrees on divergence)
-            ce_sum, aux_sum, z_sum, seq_sum, mtp_sum = self.par.all_reduce(
-                torch.stack([ce_sum, aux_sum, z_sum, seq_sum, mtp_sum]), "mean").tolist()
-        loss = float(ce_sum) / n_micro
-        if os.environ.get(FAULT_NAN_ENV) == str(self.step):  # test hook: behave as if the loss blew up
-            loss = float("nan")
-        if not math.isfinite(loss):
-            raise Diverged(self.step, loss)
         clip = self.rc.optim.grad_clip if self.rc.optim.grad_clip > 0 else float("inf")
         if self.par:
             from moelab.trainers.parallel import clip_grad_norm
 
-            grad_norm = float(clip_grad_norm(self.model.parameters(), clip, self.par))
+            grad_norm = clip_grad_norm(self.model.parameters(), clip, self.par)
         else:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip))
+            grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), clip)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
         layers = self.model.moe_layers()
@@ -535,11 +622,30 @@ class Trainer:
         else:
             for _, m in layers:
                 m.update_bias()
+        row = {"sums": sums, "grad_norm": grad_norm.detach(), "lr": lr, "step": self.step, "n_micro": n_micro}
         self.step += 1
-        row = {"loss": loss, "aux_loss": float(aux_sum) / n_micro, "z_loss": float(z_sum) / n_micro,
-               "seq_aux_loss": float(seq_sum) / n_micro, "lr": lr, "grad_norm": grad_norm}
+        return row
+
+    def _read_rows(self, rows: list[dict[str, Any]]) -> dict[str, float]:
+        """The metrics of the last of `rows` (the `_step`s since the last read) as floats, from one host read
+        (on many ranks after one all-reduce, so every rank sees the same, global values and agrees on
+        divergence). Raises Diverged naming the first of the steps whose loss is not finite."""
+        sums = torch.stack([r["sums"] for r in rows])  # [n, 5]
+        if self.par:
+            sums = self.par.all_reduce(sums, "mean")
+        # float64 holds the float32 values exactly: the floats are those float(tensor) gives.
+        vals = torch.cat([sums.double().flatten(), rows[-1]["grad_norm"].double().reshape(1)]).tolist()
+        for i, r in enumerate(rows):
+            loss = vals[5 * i] / r["n_micro"]
+            if os.environ.get(FAULT_NAN_ENV) == str(r["step"]):  # test hook: behave as if the loss blew up
+                loss = float("nan")
+            if not math.isfinite(loss):
+                raise Diverged(r["step"], loss)
+        last, n_micro = vals[5 * (len(rows) - 1):5 * len(rows)], rows[-1]["n_micro"]
+        row = {"loss": last[0] / n_micro, "aux_loss": last[1] / n_micro, "z_loss": last[2] / n_micro,
+               "seq_aux_loss": last[3] / n_micro, "lr": rows[-1]["lr"], "grad_norm": vals[-1]}
         if self.rc.model.mtp_depth:
-            row["mtp_loss"] = float(mtp_sum) / n_micro
+            row["mtp_loss"] = last[4] / n_micro
         return row
 
     def _collect(self, stats: StepStats, row_domains: torch.Tensor | None = None) -> None:
@@ -559,45 +665,47 @@ class Trainer:
                 per_row = m.stats["topk_idx"].shape[0] // row_domains.shape[0]
                 stats.domain[i] += domain_expert_counts(m.stats["topk_idx"], row_domains.repeat_interleave(per_row),
                                                         self.source.n_domains, m.n_experts)
-            stats.dropped += float(m.stats["dropped"])
-            stats.slots += float(m.stats["slots"])
-            stats.entropy += float(m.stats["router_entropy"])
+            stats.dropped = stats.dropped + m.stats["dropped"].double()
+            stats.slots += m.stats["slots"]
+            stats.entropy = stats.entropy + m.stats["router_entropy"].double()
             stats.n_entropy += 1
 
     def _reduce_stats(self, stats: StepStats) -> StepStats:
-        """MoE statistics summed over all ranks (entropy stays a mean over every rank's micro-batches)."""
+        """MoE statistics summed over all ranks (entropy stays a mean over every rank's micro-batches), still
+        on the device."""
         if not self.par or not stats.load:
             return stats
         # One all-reduce for everything; float64 holds the int64 domain counts exactly (below 2^53).
         flat = torch.cat([torch.stack(stats.load).double().flatten(),
                           *[d.double().flatten() for d in stats.domain],
-                          torch.tensor([stats.dropped, stats.slots, stats.entropy, stats.n_entropy],
-                                       dtype=torch.float64, device=stats.load[0].device)])
+                          torch.stack([torch.as_tensor(stats.dropped, dtype=torch.float64),
+                                       torch.as_tensor(stats.entropy, dtype=torch.float64)])])
         flat = self.par.all_reduce(flat)
         n = sum(l.numel() for l in stats.load)
         nd = sum(d.numel() for d in stats.domain)
         loads = flat[:n].float().split([l.numel() for l in stats.load])
         domain = [c.round().long().view_as(d) for c, d in
                   zip(flat[n:n + nd].split([d.numel() for d in stats.domain]), stats.domain)]
-        dropped, slots, entropy, n_entropy = flat[n + nd:].tolist()
-        return StepStats(load=list(loads), domain=domain, dropped=dropped, slots=slots, entropy=entropy,
-                         n_entropy=int(n_entropy))
+        # Slots and entropy terms are counted on the host, and every rank routes as many tokens as the others
+        # (`Parallel.local_rows`): their sums over ranks are W times the local ones.
+        W = self.par.world_size
+        return StepStats(load=list(loads), domain=domain, dropped=flat[n + nd], slots=stats.slots * W,
+                         entropy=flat[n + nd + 1], n_entropy=stats.n_entropy * W)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         t = self.rc.train
         losses = []
         for i in range(t.eval_batches):
-            tokens = self.source.batch("eval", i, self.micro, t.seq_len).tokens.to(self.device)
-            if self.par:
-                tokens = self.par.local_rows(tokens)
-            losses.append(float(self._loss(tokens, mtp=False)[1]))  # the next-token loss alone
+            b, = rank_batches(self.source, "eval", i, self.micro, t.seq_len, self.micro, *self._layout())
+            tokens = self._to_device(b.tokens)
+            losses.append(self._loss(tokens, mtp=False)[1])  # the next-token loss alone
         for _, m in self.model.moe_layers():
             m.load_accum.zero_()  # eval routing must not move the aux-loss-free biases
+        per_batch = torch.stack(losses).double()  # read once, after the last batch
         if self.par:
-            per_batch = torch.tensor(losses, dtype=torch.float64, device=self.device)
             return float(self.par.all_reduce(per_batch, "mean").mean())
-        return sum(losses) / len(losses)
+        return sum(per_batch.tolist()) / len(losses)
 
     def wall_s(self) -> float:
         return self.wall_offset + (time.perf_counter() - self._t0 if hasattr(self, "_t0") else 0.0)
@@ -608,12 +716,22 @@ class Trainer:
         domains also `expert_domain`: per layer the routed slots per (domain, expert), [n_domains][E] ints."""
         if not stats.load:
             return {}
-        fracs = [(l / l.sum().clamp_min(1)).tolist() for l in stats.load]
-        imb = [float(l.max() / l.mean().clamp_min(1e-9)) for l in stats.load]
-        out = {"imbalance": sum(imb) / len(imb), "drop_frac": stats.dropped / max(stats.slots, 1.0),
-               "router_entropy": stats.entropy / max(stats.n_entropy, 1), "expert_load": fracs}
+        fracs = [l / l.sum().clamp_min(1) for l in stats.load]  # float32, on the device
+        imb = torch.stack([l.max() / l.mean().clamp_min(1e-9) for l in stats.load])
+        scalars = torch.stack([torch.as_tensor(v, dtype=torch.float64) for v in (stats.dropped, stats.entropy)])
+        # One host read for the whole line; float64 holds the float32 values and the int64 counts exactly, so
+        # the numbers are those a read per tensor would give.
+        vals = torch.cat([torch.cat(fracs).double(), imb.double(), scalars,
+                          *[d.double().flatten() for d in stats.domain]]).tolist()
+        it = iter(vals)
+        fracs = [[next(it) for _ in range(l.numel())] for l in stats.load]
+        imb = [next(it) for _ in stats.load]
+        dropped, entropy = next(it), next(it)
+        out = {"imbalance": sum(imb) / len(imb), "drop_frac": dropped / max(stats.slots, 1.0),
+               "router_entropy": entropy / max(stats.n_entropy, 1), "expert_load": fracs}
         if stats.domain:
-            out["expert_domain"] = [d.tolist() for d in stats.domain]
+            out["expert_domain"] = [[[int(next(it)) for _ in range(d.shape[1])] for _ in range(d.shape[0])]
+                                    for d in stats.domain]
         return out
 
     # -- the run ------------------------------------------------------------------------------------------------
@@ -624,7 +742,11 @@ class Trainer:
             self.metrics_path.parent.mkdir(parents=True, exist_ok=True)
             (self.out_dir / "config.json").write_text(json.dumps(to_dict(self.rc), indent=2))
             self._truncate_metrics(self.step)  # a fresh run starts a fresh log; a resumed one drops replayed rows
-        peak = peak_flops(self.device) * (self.par.world_size if self.par else 1)  # MFU: of all devices
+        peak = peak_flops(self.device)  # None: a GPU of unknown peak (warned once); MFU is then NaN
+        peak = peak * (self.par.world_size if self.par else 1) if peak else float("nan")  # MFU: of all devices
+        # The first log window of a process holds the warm-up (torch.compile, Triton autotuning, allocator
+        # growth, first-touch page faults): its MFU is NaN rather than a figure that understates the run.
+        first_window = True
         self._t0 = time.perf_counter()
         window_t, window_tokens = time.perf_counter(), 0
         stats = StepStats()
@@ -634,21 +756,29 @@ class Trainer:
 
             bar = tqdm(total=self.total_steps, initial=self.step, unit="step", dynamic_ncols=True)
         last: dict[str, Any] = {}
-        with open(self.metrics_path, "a") if self.is_main else contextlib.nullcontext() as mf:
+        with self._prefetching(), open(self.metrics_path, "a") if self.is_main else contextlib.nullcontext() as mf:
+            pending: list[dict[str, Any]] = []  # the steps since the last read, their metrics on the device
             while self.step < self.total_steps:
-                row = self.train_step(stats)
+                pending.append(self._step(stats))
                 window_tokens += self.tokens_per_step
                 s = self.step
                 if bar:
                     bar.update(1)
-                    bar.set_postfix(loss=f"{row['loss']:.4f}")
                 done = s == self.total_steps
                 if s % t.log_every == 0 or done:
+                    # The one host read of the interval's losses (and divergence check); it waits for the device,
+                    # so the window's time below covers the device's work.
+                    row, pending = self._read_rows(pending), []
+                    if bar:
+                        bar.set_postfix(loss=f"{row['loss']:.4f}")
                     now = time.perf_counter()
                     tps = window_tokens / max(now - window_t, 1e-9)
                     row.update(step=s, tokens=s * self.tokens_per_step,
                                flops=s * self.tokens_per_step * self.flops_per_token, wall_s=self.wall_s(),
-                               tokens_per_s=tps, mfu=tps * self.flops_per_token / peak)
+                               tokens_per_s=tps,
+                               mfu=float("nan") if first_window else tps * self.flops_per_token / peak,
+                               max_mem_gib=self._max_mem_gib())
+                    first_window = False
                     row.update(self.moe_metrics(self._reduce_stats(stats)))
                     if (t.eval_every and s % t.eval_every == 0) or done:
                         row["eval_loss"] = self.evaluate()
@@ -666,6 +796,8 @@ class Trainer:
                     stats = StepStats()
                     window_t, window_tokens = time.perf_counter(), 0
                 elif t.ckpt_every and s % t.ckpt_every == 0:
+                    self._read_rows(pending)  # raises Diverged first: no checkpoint of a diverged run
+                    pending = []
                     self.save_checkpoint()
         if bar:
             bar.close()
@@ -689,6 +821,18 @@ class Trainer:
             out["bayes_loss"] = floor(self.rc.train.seq_len)
         return out
 
+    def _max_mem_gib(self) -> float:
+        """Peak CUDA memory allocated by torch since the process started (or last reset its peak statistics),
+        GiB, the largest over ranks; NaN on CPU, which has no such counter."""
+        if self.device.type != "cuda":
+            return float("nan")
+        gib = torch.cuda.max_memory_allocated(self.device) / 2**30
+        if not self.par:
+            return gib
+        peak = torch.tensor(gib, device=self.device)
+        torch.distributed.all_reduce(peak, op=torch.distributed.ReduceOp.MAX, group=self.par.group)
+        return float(peak)
+
     @staticmethod
     def _line(row: dict[str, Any]) -> str:
         parts = [f"step {row['step']}", f"loss {row['loss']:.4f}"]
@@ -696,7 +840,11 @@ class Trainer:
             parts.append(f"eval {row['eval_loss']:.4f}")
         if "mtp_loss" in row:
             parts.append(f"mtp {row['mtp_loss']:.4f}")
-        parts += [f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:.0f} tok/s", f"mfu {row['mfu']:.1%}"]
+        mfu = row.get("mfu", float("nan"))
+        parts += [f"lr {row['lr']:.2e}", f"{row['tokens_per_s']:.0f} tok/s",
+                  f"mfu {mfu:.1%}" if math.isfinite(mfu) else "mfu n/a"]
+        if math.isfinite(row.get("max_mem_gib", float("nan"))):
+            parts.append(f"mem {row['max_mem_gib']:.1f} GiB")
         if "imbalance" in row:
             parts.append(f"imb {row['imbalance']:.2f}")
         return " | ".join(parts)

@@ -3,6 +3,8 @@ Attention, SwiGLU FFN or MoE block, and optional DeepSeek-V3 multi-token predict
 
 Read top to bottom: norms and rotary embeddings, attention (GQA, MLA), a block, an MTP module, the model,
 initialisation. `build_model(cfg)` returns a plain `Transformer`; parallelism is applied to it from outside.
+Many ranks start from `meta_model(cfg)`: shard it, `to_empty` on the device, then `init_weights(seed)` fills
+each rank's shards with the values `build_model` draws for them (the scheme is in `init.py`).
 """
 
 from __future__ import annotations
@@ -257,31 +259,61 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, seed: int | None = None) -> None:
         """N(0, init_std) everywhere; residual outputs (wo, down) scaled by 1/sqrt(2 n_layers) so the
-        residual stream's variance does not grow with depth (GPT-2); norms at 1, biases at 0."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
+        residual stream's variance does not grow with depth (GPT-2); norms at 1, biases at 0; buffers reset.
+
+        The draws follow `init.normal_`: keyed by (seed, parameter name, position), so the model may be
+        sharded (FSDP2, EP) before this runs, each rank filling only its own shards with the values a single
+        process draws for them. `seed` None: a seed from torch's global generator."""
+        from moelab.trainers.init import local_tensor, normal_
+
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, (), dtype=torch.int64))
         std = self.cfg.init_std
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
-
-        def normal_(p: torch.Tensor, s: float) -> None:
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32) * s)
-
         for name, p in self.named_parameters():
             leaf = name.rsplit(".", 1)[-1]
             if name.endswith("norm.weight"):
-                p.fill_(1.0)
+                local_tensor(p).fill_(1.0)
             elif leaf == "bias":
-                p.zero_()
+                local_tensor(p).zero_()
             elif "wo." in name or "down." in name or leaf == "w_down":
-                normal_(p, out_std)
+                normal_(p, name, seed, out_std)
             else:
-                normal_(p, std)
+                normal_(p, name, seed, std)
+        self.init_buffers()
+
+    def to_empty(self, *, device, recurse: bool = True) -> "Transformer":
+        """nn.Module.to_empty, keeping a tied output head tied: from `meta` it makes a new Parameter per
+        name, which would untie lm_head from the embedding."""
+        super().to_empty(device=device, recurse=recurse)
+        if self.cfg.tie_embeddings:
+            self.lm_head.weight = self.embed.weight
+        return self
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Rotary tables recomputed, router biases and load counters at zero, on the device the buffers are
+        on: what a model built on `meta` and materialised with `to_empty` needs before it runs."""
+        cos, sin = rope_tables(self.cfg.qk_rope_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
         for _, m in self.moe_layers():
             m.router.expert_bias.zero_()
+            m.load_accum.zero_()
+
+
+def meta_model(cfg: ModelConfig) -> Transformer:
+    """A Transformer on the `meta` device: shapes, no storage and no draws. Shard it (`parallel.parallelize`),
+    then `to_empty(device=...)` and `init_weights(seed)` (or load weights and `init_buffers()`)."""
+    cfg.validate()
+    with torch.device("meta"):
+        return Transformer(cfg)
 
 
 def build_model(cfg: ModelConfig, seed: int | None = 0, device: str | torch.device = "cpu") -> Transformer:
-    """A freshly initialised model on `device` (weights depend only on `cfg` and `seed`)."""
-    cfg.validate()
-    model = Transformer(cfg)
+    """A freshly initialised model on `device`. Its weights depend only on `cfg` and `seed`, not on the
+    device (the draws happen on the CPU, see `init.py`). Built on `meta`, materialised once on `device`."""
+    model = meta_model(cfg)
+    model.to_empty(device=device)
     model.init_weights(seed)
-    return model.to(device)
+    return model

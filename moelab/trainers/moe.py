@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from moelab.kernels import moe_experts
+from moelab.trainers.ac import recomputing
 from moelab.trainers.config import ModelConfig
 
 
@@ -60,8 +61,13 @@ class Router(nn.Module):
         self.register_buffer("expert_bias", torch.zeros(m.n_experts), persistent=True)
 
     def forward(self, x_TD: torch.Tensor):
-        """x: [T, d] -> logits [T, E], scores [T, E], topk_idx [T, k], topk_weight [T, k]."""
-        logits = F.linear(x_TD, self.weight).float()
+        """x: [T, d] -> logits [T, E], scores [T, E], topk_idx [T, k], topk_weight [T, k], all but topk_idx fp32.
+
+        The logits are computed in fp32 from fp32 inputs and weights, outside autocast (as HF transformers'
+        DeepseekV3TopkRouter): in bf16 near-tied experts swap places in the top-k, and the z-loss squares the
+        logits. Under FSDP the router is a unit with fp32 parameters (`parallel.apply_fsdp`)."""
+        with torch.autocast(x_TD.device.type, enabled=False):
+            logits = F.linear(x_TD.float(), self.weight.float())
         scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
         if self.force_balanced:
             T = x_TD.shape[0]
@@ -102,13 +108,20 @@ class Router(nn.Module):
         return grouped.masked_fill(~keep.unsqueeze(-1), float("-inf")).view(T, E)
 
 
+def expert_onehot(flat: torch.Tensor, n_experts: int) -> torch.Tensor:
+    """flat: [S] expert ids in [0, E) -> [S, E] int64 one-hot. A scatter into a buffer of fixed size:
+    F.one_hot reads the ids' min and max on the host to check their range (on CPU tensors)."""
+    return torch.zeros(flat.numel(), n_experts, dtype=torch.int64, device=flat.device).scatter_(
+        1, flat.view(-1, 1), 1)
+
+
 def capacity_mask(topk_idx: torch.Tensor, n_experts: int, capacity: int) -> torch.Tensor:
     """Which slots fit: for each expert keep its first `capacity` slots in (token, k) order.
 
     topk_idx: [T, k] -> keep: [T, k] bool.
     """
     flat = topk_idx.reshape(-1)
-    onehot = F.one_hot(flat, n_experts)  # [S, E]
+    onehot = expert_onehot(flat, n_experts)  # [S, E]
     position = (onehot.cumsum(0) * onehot).sum(-1) - 1  # rank of each slot within its expert
     return (position < capacity).view_as(topk_idx)
 
@@ -154,7 +167,7 @@ class MoE(nn.Module):
         # Load since the last bias update, summed over forwards (micro-batches); a buffer so it follows .to().
         self.register_buffer("load_accum", torch.zeros(m.n_experts), persistent=False)
         self.aux_loss = self.z_loss = self.seq_aux_loss = None
-        self.stats: dict[str, torch.Tensor] = {}
+        self.stats: dict[str, torch.Tensor | int] = {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, S, d = x.shape
@@ -186,19 +199,30 @@ class MoE(nn.Module):
         P = probs.mean(0)
         if self.parallel is not None:  # f and P of the global batch, as on one device
             f, P = self.parallel.global_mean(torch.stack([f, P]))
-        self.aux_loss = E * (f * P).sum()
-        self.z_loss = torch.logsumexp(logits, -1).pow(2).mean()
-        self.seq_aux_loss = self.sequence_balance_loss(chosen.view(B, S, E), probs.view(B, S, E))
+        aux_loss = E * (f * P).sum()
+        z_loss = torch.logsumexp(logits, -1).pow(2).mean()
+        seq_aux_loss = self.sequence_balance_loss(chosen.view(B, S, E), probs.view(B, S, E))
+        if recomputing():
+            # Activation checkpointing reruns this forward in the backward: the same losses (already in the
+            # objective), the same routing (already counted): keep the first forward's, count nothing twice.
+            # The losses above still ran: the recomputation must save the tensors the forward saved, in order.
+            return out.view(B, S, d)
+        self.aux_loss, self.z_loss, self.seq_aux_loss = aux_loss, z_loss, seq_aux_loss
 
         with torch.no_grad():
-            load = torch.bincount(topk_idx[topk_idx >= 0], minlength=E).float()
+            # Slots per expert into a fixed-size buffer (dropped slots -> bin E, cut off): no boolean mask or
+            # bincount, whose output sizes depend on the data (a host sync, and a graph break under compile).
+            flat = topk_idx.reshape(-1)
+            bins = torch.where(flat >= 0, flat, E)
+            load = torch.zeros(E + 1, dtype=torch.int64, device=x.device).scatter_add_(
+                0, bins, torch.ones_like(bins))[:E].float()
             self.load_accum += load
             ent = -(probs * probs.clamp_min(1e-20).log()).sum(-1).mean()
             self.stats = {
                 "load": load,  # computed slots per expert [E]
                 "topk_idx": topk_idx,  # [T, k] computed expert per slot, -1 = dropped (per-domain counts)
                 "dropped": (topk_idx < 0).sum().float(),
-                "slots": torch.tensor(float(T * k), device=x.device),
+                "slots": T * k,  # an int: known on the host (a tensor built from it would be a blocking copy)
                 "router_entropy": ent,
             }
         return out.view(B, S, d)
@@ -229,6 +253,8 @@ class MoE(nn.Module):
         distributed loop passes the all-reduced one).
         """
         load = self.load_accum if load is None else load
-        if self.bias_update_rate > 0 and load.sum() > 0:
+        # No `load.sum() > 0` test (a host read per layer and step): an all-zero load moves no bias anyway,
+        # sign(0 - 0) being 0.
+        if self.bias_update_rate > 0:
             self.router.expert_bias += self.bias_update_rate * torch.sign(load.mean() - load)
         self.load_accum.zero_()

@@ -4,7 +4,8 @@ Layout. W ranks form a 2-D mesh `(dp_shard, ep)`, W = dp_shard x ep, rank = dp_i
 group is `ep` consecutive ranks (on a GPU cluster, GPUs of one node, so the all-to-all stays on NVLink).
 
 - Data: every rank is a data-parallel rank. It takes its own equal slice of each global micro-batch
-  (`Parallel.local_rows`), so the global batch of step i is exactly the one a single process trains on.
+  (`Parallel.local_rows`; the loop builds just those rows, `data.rank_batches`), so the global batch of step i
+  is exactly the one a single process trains on.
   `train.micro_batch_size` counts sequences per rank: W ranks at micro m train like one process at m x W.
 - Non-expert parameters (embeddings, attention, norms, router, shared experts, output head, MTP modules) are
   sharded by FSDP2 over all W ranks (the flattened mesh `dp_ep`).
@@ -15,8 +16,9 @@ group is `ep` consecutive ranks (on a GPU cluster, GPUs of one node, so the all-
 Token dispatch (`MoEParallel.experts`): the (token, k) slots are sorted by expert; the per-expert counts go
 to their owners in one small all_to_all; token rows travel with the differentiable
 `torch.distributed.nn.functional.all_to_all_single` (uneven splits; gloo supports it, the list-form
-all_to_all it does not) to the rank owning their expert, which runs its experts over them; the results come
-back by the reverse all_to_all and are weighted and summed per token as on one device.
+all_to_all it does not) to the rank owning their expert, with their gate weights, and that rank's expert
+kernel computes the gate-weighted outputs; they come back by the reverse all_to_all and are scatter-added
+per token. The host reads one thing per layer: the all_to_all split sizes.
 
 Exactness: why a run on W ranks equals one process on the global batch. A rank's objective is the mean loss
 over its own rows; FSDP averages gradients over the ranks that hold a parameter. Then
@@ -45,7 +47,6 @@ import torch
 import torch.distributed as dist
 import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
-import torch.nn.functional as F
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.tensor import DTensor, Shard
 
@@ -220,15 +221,19 @@ class MoEParallel:
     def capacity_mask(self, topk_idx: torch.Tensor, n_experts: int, capacity_factor: float) -> torch.Tensor:
         """`moe.capacity_mask` over the global micro-batch: capacity = ceil(cf x global slots / E), slots
         ranked per expert in global token order (rank 0's tokens first). topk_idx: [T, k] -> keep [T, k]."""
+        from moelab.trainers.moe import expert_onehot
+
         flat = topk_idx.reshape(-1)
-        onehot = F.one_hot(flat, n_experts)  # [S, E]
+        onehot = expert_onehot(flat, n_experts)  # [S, E]
         position = (onehot.cumsum(0) * onehot).sum(-1) - 1
         counts = onehot.sum(0)
         every = counts.new_empty(self.world_size * n_experts)
         _all_gather(every, counts, group=self.group)
         every = every.view(self.world_size, n_experts)
         offset = every[:self.rank].sum(0)  # slots of lower ranks, per expert
-        capacity = math.ceil(capacity_factor * int(every.sum()) / n_experts)
+        # Every rank holds as many tokens (`Parallel.local_rows`), so the global slot count is known on the
+        # host: reading every.sum() would stall the host on the device once per layer.
+        capacity = math.ceil(capacity_factor * flat.numel() * self.world_size / n_experts)
         return (position + offset[flat] < capacity).view_as(topk_idx)
 
     def experts(self, x_TD: torch.Tensor, w_gate_up: torch.Tensor, w_down: torch.Tensor, topk_idx: torch.Tensor,
@@ -240,34 +245,42 @@ class MoEParallel:
         if self.ep == 1:
             return moe_experts(x_TD, w_gu, w_dn, topk_idx, topk_weight, backend=backend)
         T, d = x_TD.shape
-        k = topk_idx.shape[1]
+        E, k = self.n_experts, topk_idx.shape[1]
         flat = topk_idx.reshape(-1)
-        counts = torch.bincount(flat[flat >= 0], minlength=self.n_experts)
-        order = torch.argsort(flat, stable=True)  # slots grouped by expert; dropped (-1) ones first
-        order = order[order.numel() - int(counts.sum()):]
+        # One permutation for the whole layer: slots sorted by expert, which is by (owner rank, local expert);
+        # dropped slots get key E, so they sort last and land in a count bin that is never sent.
+        key = torch.where(flat >= 0, flat, E)
+        order = torch.argsort(key, stable=True)
+        counts = torch.zeros(E + 1, dtype=torch.int64, device=flat.device).scatter_add_(0, key, torch.ones_like(key))
         # Counts: send[j, e] = my slots for expert e of rank j; recv[s, e] = rank s's slots for my expert e.
-        send_counts = counts.view(self.ep, self.n_local)
+        send_counts = counts[:E].view(self.ep, self.n_local)
         recv_counts = torch.empty_like(send_counts)
         dist.all_to_all_single(recv_counts, send_counts, group=self.ep_group)
-        send = send_counts.sum(1).tolist()
-        recv = recv_counts.sum(1).tolist()
-        xs = x_TD.index_select(0, order // k)
-        xr = dist_nn.all_to_all_single(xs.new_empty(sum(recv), d), xs, recv, send, group=self.ep_group)
-        # Arrived rows: grouped by source rank, each source's rows sorted by (local) expert.
+        # The layer's one host read: all_to_all needs its split sizes as Python ints, so the host waits for
+        # the counts here. Every other size below follows from these.
+        sizes = torch.cat([send_counts.sum(1), recv_counts.sum(1)]).tolist()
+        send, recv = sizes[:self.ep], sizes[self.ep:]
+        n_send, n_recv = sum(send), sum(recv)
+        order = order[:n_send]  # the kept slots, grouped by destination rank
+        token = order // k
+        xs = x_TD.index_select(0, token)  # [n_send, d]: the rows to send, the one gather of the forward
+        # The gates travel with their rows, so the expert kernel applies them (fused into its down GEMM on GPU)
+        # and its backward yields their gradient; one more small all_to_all instead of two passes over [slots, d]
+        # (weighting the returned rows here, and its backward).
+        ws = topk_weight.reshape(-1).index_select(0, order)
+        xr = dist_nn.all_to_all_single(xs.new_empty(n_recv, d), xs, recv, send, group=self.ep_group)
+        wr = dist_nn.all_to_all_single(ws.new_empty(n_recv), ws, recv, send, group=self.ep_group)
+        # Arrived rows: grouped by source rank, each source's rows sorted by (local) expert. The expert kernel
+        # routes them as k = 1 slots of `local_e` and writes each result back to its arrival row. A rank that
+        # receives no row still runs the kernel (on [0, d]): its backward must issue the reverse all_to_alls,
+        # and its experts need (zero) gradients for FSDP's reduce-scatter.
         local_e = torch.repeat_interleave(torch.arange(self.n_local, device=x_TD.device).repeat(self.ep),
-                                          recv_counts.reshape(-1))
-        # One zero-weight dummy row: the computation (and its autograd graph, whose backward issues the
-        # reverse all_to_all) is the same on a rank that receives no token at all.
-        xr1 = torch.cat([xr, xr.new_zeros(1, d)])
-        e1 = torch.cat([local_e, local_e.new_zeros(1)])[:, None]
-        g1 = torch.cat([xr.new_ones(xr.shape[0]), xr.new_zeros(1)])[:, None].to(topk_weight.dtype)
-        yr = moe_experts(xr1, w_gu, w_dn, e1, g1, backend=backend)[:-1]
-        ys = dist_nn.all_to_all_single(yr.new_empty(order.numel(), d), yr.contiguous(), send, recv,
-                                       group=self.ep_group)
-        # Weight each slot by its gate and sum over a token's k slots, in the order the reference uses.
-        w_slot = topk_weight.reshape(-1).index_select(0, order).to(ys.dtype)
-        out = ys.new_zeros(T * k, d).index_copy(0, order, ys * w_slot[:, None])
-        return out.view(T, k, d).sum(1)
+                                          recv_counts.reshape(-1), output_size=n_recv)
+        yr = moe_experts(xr, w_gu, w_dn, local_e[:, None], wr[:, None], backend=backend)  # gate-weighted
+        ys = dist_nn.all_to_all_single(yr.new_empty(n_send, d), yr, send, recv, group=self.ep_group)
+        # Sum each token's (weighted) slots: one scatter-add of the returned rows into the [T, d] output, whose
+        # backward is the gather that fills the backward's send buffer.
+        return ys.new_zeros(T, d).index_add_(0, token, ys)
 
 
 def apply_ep(model: nn.Module, par: Parallel) -> nn.Module:
@@ -305,20 +318,31 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None 
     over the dp_shard ranks of their EP slice. MTP modules: their block is a block like the others, and each
     module gets a unit of its own for its norms and projection; the embedding and output head they share
     stay in the root's unit (the model runs them inside its own forward). `param_dtype` (bf16 on CUDA)
-    gathers parameters in that dtype and reduces gradients in fp32; None keeps fp32 throughout (CPU)."""
+    gathers parameters in that dtype and reduces gradients in fp32; None keeps fp32 throughout (CPU).
+    Two things stay fp32 under a bf16 `param_dtype`, as in a single process under autocast: the RoPE tables
+    (units do not cast their inputs) and the router (a unit of its own with fp32 parameters)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     from moelab.trainers.moe import MoE
 
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32) if param_dtype else \
-        MixedPrecisionPolicy()
+    # cast_forward_inputs=False: FSDP would cast every floating argument of a unit to param_dtype, and the
+    # blocks and MTP modules take the fp32 RoPE tables as arguments (bf16 cos/sin put an error of up to 2^-9
+    # on every rotated feature). The activations need no cast: the embedding already runs in param_dtype.
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False) \
+        if param_dtype else MixedPrecisionPolicy()
+    # The router's logits decide which experts run; it computes them in fp32 from fp32 weights (Router.forward),
+    # so its unit gathers the fp32 master weights (E x d: a small all-gather).
+    fp32 = MixedPrecisionPolicy()
     mtp = list(getattr(model, "mtp", ()))
     for block in [*model.layers, *(m.block for m in mtp)]:
         ffn = block.ffn
-        if isinstance(ffn, MoE) and isinstance(ffn.w_gate_up, DTensor):
+        ep = isinstance(ffn, MoE) and isinstance(ffn.w_gate_up, DTensor)
+        if isinstance(ffn, MoE) and (ep or param_dtype is not None):
+            fully_shard(ffn.router, mesh=par.world, mp_policy=fp32)
+        if ep:
             # The MoE module's own FSDP unit holds only the experts; router and shared experts are
             # ordinary data-parallel parameters, wrapped first so they stay on the all-ranks mesh.
-            for sub in (ffn.router, ffn.shared, ffn.shared_gate):
+            for sub in (ffn.shared, ffn.shared_gate):
                 if sub is not None:
                     fully_shard(sub, mesh=par.world, mp_policy=mp)
             placement = _expert_shard_dim(ffn, par.dp)

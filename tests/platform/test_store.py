@@ -28,7 +28,8 @@ def loop_rows(steps, *, loss0=5.0, layers=2, experts=4, eval_every=30, domains=0
         load /= load.sum(1, keepdims=True)
         row = dict(step=s, tokens=s * 1024, flops=s * 1e9, wall_s=s * 0.1, loss=loss0 - s / 100, lr=1e-3,
                    grad_norm=1.0, aux_loss=1.01, z_loss=0.3, seq_aux_loss=1.02, tokens_per_s=1e4, mfu=0.1,
-                   drop_frac=0.0, imbalance=1.1, router_entropy=1.3, mtp_loss=5.5, expert_load=load.tolist())
+                   drop_frac=0.0, imbalance=1.1, router_entropy=1.3, mtp_loss=5.5, max_mem_gib=3.5,
+                   expert_load=load.tolist())
         if s % eval_every == 0:
             row["eval_loss"] = loss0 - s / 100 + 0.05
         if domains:
@@ -63,6 +64,7 @@ def test_round_trip(tmp_path):
     assert list(m.step) == list(range(10, 101, 10)) and (m.attempt == 0).all()
     assert m.loss.tolist() == pytest.approx([5.0 - s / 100 for s in range(10, 101, 10)])
     assert m.eval_loss.notna().tolist() == [s % 30 == 0 for s in range(10, 101, 10)]
+    assert m.max_mem_gib.tolist() == [3.5] * 10  # the loop's peak-memory column is stored
     assert "expert_load" not in m.columns
     e = r.experts()
     assert len(e) == 10 * 2 * 4

@@ -38,6 +38,21 @@ QWEN3_30B_A3B = dict(model_type="qwen3_moe", hidden_size=2048, intermediate_size
                      decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=40960, rope_theta=1e6,
                      rms_norm_eps=1e-6, attention_bias=False, use_sliding_window=False, tie_word_embeddings=False,
                      router_aux_loss_coef=0.001, hidden_act="silu")
+# DeepSeek-V3 (deepseek-ai/DeepSeek-V3, config.json; not in ALL: its YaRN rope_scaling is refused on import, so
+# the accounting test drops that key, which changes no parameter). The release is FP8 (quantization_config).
+DEEPSEEK_V3 = dict(model_type="deepseek_v3", vocab_size=129280, hidden_size=7168, intermediate_size=18432,
+                   moe_intermediate_size=2048, num_hidden_layers=61, first_k_dense_replace=3, moe_layer_freq=1,
+                   num_attention_heads=128, num_key_value_heads=128, q_lora_rank=1536, kv_lora_rank=512,
+                   qk_nope_head_dim=128, qk_rope_head_dim=64, v_head_dim=128, n_routed_experts=256,
+                   n_shared_experts=1, num_experts_per_tok=8, n_group=8, topk_group=4, routed_scaling_factor=2.5,
+                   norm_topk_prob=True, scoring_func="sigmoid", topk_method="noaux_tc", aux_loss_alpha=0.001,
+                   seq_aux=True, ep_size=1, tie_word_embeddings=False, num_nextn_predict_layers=1,
+                   max_position_embeddings=163840, rms_norm_eps=1e-6, rope_theta=10000, attention_bias=False,
+                   attention_dropout=0.0, hidden_act="silu", bos_token_id=0, eos_token_id=1,
+                   rope_scaling=dict(type="yarn", factor=40, original_max_position_embeddings=4096, beta_fast=32,
+                                     beta_slow=1, mscale=1.0, mscale_all_dim=1.0),
+                   quantization_config=dict(quant_method="fp8", fmt="e4m3", activation_scheme="dynamic",
+                                            weight_block_size=[128, 128]))
 
 ALL = {"llama": LLAMA2_7B, "mistral": MISTRAL_7B, "qwen2": QWEN2_05B, "mixtral": MIXTRAL_8X7B,
        "qwen2_moe": QWEN15_MOE_A27B, "olmoe": OLMOE_1B_7B, "deepseek": DEEPSEEK_MOE_16B}

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import math
+import threading
+import time
 
 import numpy as np
 import pytest
@@ -13,10 +15,13 @@ from moelab.trainers.config import DataConfig
 from moelab.trainers.data import (
     Batch,
     ByteTokenizer,
+    Prefetcher,
     SyntheticMarkov,
+    TokenSource,
     TokenStream,
     build_source,
     load_tokenizer,
+    rank_batches,
     stream_from_documents,
 )
 
@@ -377,3 +382,101 @@ def test_memmap_ids_beyond_vocab_are_caught(tmp_path):
 def test_unknown_source():
     with pytest.raises(ValueError, match="data.source"):
         build_source(DataConfig(source="web"), seed=0)  # type: ignore[arg-type]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-rank batches and the prefetch thread
+
+
+class _SlicingOnly(TokenSource):
+    """A source with only `batch`: `rows` falls back to slicing the whole batch."""
+
+    vocab_size = 16
+
+    def batch(self, split, index, batch_size, seq_len):
+        return SyntheticMarkov(3, 16, 0.3, 2).batch(split, index, batch_size, seq_len)
+
+
+@pytest.mark.parametrize("make", [lambda: SyntheticMarkov(3, 16, 0.3, 7), _text_stream, _SlicingOnly],
+                         ids=["synthetic", "stream", "fallback"])
+@pytest.mark.parametrize("world_size,micro", [(2, 4), (2, 12), (4, 4), (3, 6)])
+def test_rank_batches_are_the_slices_local_rows_cuts(make, world_size, micro):
+    """Each rank's micro-batches equal what `Parallel.local_rows` cuts from each micro-batch of the global
+    batch (the tokens and domains the loop trained on before ranks built their own), step after step."""
+    from types import SimpleNamespace
+
+    from moelab.trainers.parallel import Parallel
+
+    src, B, S = make(), 12, 20
+    for step in range(3):
+        whole = src.batch("train", step, B, S)
+        for rank in range(world_size):
+            layout = SimpleNamespace(world_size=world_size, rank=rank)
+            got = rank_batches(src, "train", step, B, S, micro, rank, world_size)
+            assert len(got) == B // micro
+            for i, b in enumerate(got):
+                rows = slice(i * micro, (i + 1) * micro)
+                assert torch.equal(b.tokens, Parallel.local_rows(layout, whole.tokens[rows])), (step, rank, i)
+                if whole.domains is not None:
+                    assert torch.equal(b.domains, Parallel.local_rows(layout, whole.domains[rows]))
+    one = rank_batches(src, "eval", 1, B, S, micro)  # one process: the batch in micro-batches
+    assert torch.equal(torch.cat([b.tokens for b in one]), src.batch("eval", 1, B, S).tokens)
+
+
+def test_rows_builds_only_its_rows_and_refuses_bad_ranges():
+    src = SyntheticMarkov(3, 16, 0.3, 7)
+    seen = []
+    real = src.sample
+    src.sample = lambda rng, domains, length, *a: seen.append(len(domains)) or real(rng, domains, length, *a)
+    b = src.rows("train", 0, 64, 10, [(4, 6), (40, 41)])
+    assert seen == [3] and b.tokens.shape == (3, 11)
+    assert torch.equal(b.tokens, SyntheticMarkov(3, 16, 0.3, 7).batch("train", 0, 64, 10).tokens[[4, 5, 40]])
+    for bad in ([(6, 4)], [(0, 65)], [(4, 8), (6, 10)]):
+        with pytest.raises(ValueError, match="rows: range"):
+            src.rows("train", 0, 64, 10, bad)
+
+
+def test_prefetcher_resumes_at_any_step_with_the_same_batches():
+    src = SyntheticMarkov(3, 16, 0.3, 7)
+
+    def make(step):
+        return rank_batches(src, "train", step, 8, 12, 4, 1, 2)
+
+    with Prefetcher(make, 0, 6) as full, Prefetcher(make, 3, 6) as resumed:
+        run = [full.get(s) for s in range(6)]
+        for s in range(3, 6):
+            assert all(torch.equal(a.tokens, b.tokens) for a, b in zip(resumed.get(s), run[s]))
+        with pytest.raises(ValueError, match="asked for step 6"):
+            full.get(6)
+    assert not full.alive and not resumed.alive
+
+
+def test_prefetcher_is_bounded_reraises_and_stops():
+    made = []
+    started = threading.Event()
+
+    def make(step):
+        made.append(step)
+        if step == 2:
+            started.set()
+        if step == 5:
+            raise KeyError("no batch 5")
+        return step
+
+    p = Prefetcher(make, 0, 100, depth=2)
+    assert started.wait(30)
+    deadline = time.monotonic() + 30
+    while not p._queue.full() and time.monotonic() < deadline:  # the producer fills the queue, then waits
+        time.sleep(0.01)
+    assert made == [0, 1, 2]  # depth 2 queued, the third built and waiting for room; nothing more
+    assert [p.get(s) for s in range(5)] == [0, 1, 2, 3, 4]
+    with pytest.raises(KeyError, match="no batch 5"):  # raised in this thread, by the get of its step
+        p.get(5)
+    p.close()
+    assert not p.alive
+
+    blocked = Prefetcher(lambda s: s, 0, 100, depth=1)  # closing while the producer waits on a full queue
+    blocked.close()
+    assert not blocked.alive
+    with pytest.raises(ValueError, match="depth"):
+        Prefetcher(lambda s: s, 0, 1, depth=0)

@@ -59,7 +59,7 @@ def test_metrics_rows_hold_design_fields(tmp_path):
     _, rows = _losses(tmp_path / "metrics.jsonl")
     assert [r["step"] for r in rows] == [3, 6, 9, 12]
     want = {"loss", "tokens", "flops", "wall_s", "lr", "grad_norm", "aux_loss", "z_loss", "seq_aux_loss",
-            "tokens_per_s", "mfu", "drop_frac", "imbalance", "router_entropy", "expert_load"}
+            "tokens_per_s", "mfu", "max_mem_gib", "drop_frac", "imbalance", "router_entropy", "expert_load"}
     assert want <= set(rows[0])
     assert "eval_loss" in rows[1] and "eval_loss" not in rows[0]
     load = rows[0]["expert_load"]
@@ -138,3 +138,47 @@ def test_no_expert_domain_without_domains(tmp_path):
     train(_rc("tiny", **{"train.steps": 2}), tmp_path / "dense", progress=False)  # dense, synthetic
     _, rows = _losses(tmp_path / "dense" / "metrics.jsonl")
     assert rows and all("expert_domain" not in r for r in rows)
+
+
+def _prefetch_threads():
+    import threading
+
+    return [t for t in threading.enumerate() if t.name == "moelab-prefetch"]
+
+
+def test_batches_come_from_the_prefetch_thread_which_stops_when_the_run_ends_or_raises(tmp_path, monkeypatch):
+    import threading
+
+    tr = Trainer(_rc(**{"train.steps": 3}), tmp_path / "a", progress=False)
+    built = []
+    real = tr._train_batches
+    monkeypatch.setattr(tr, "_train_batches", lambda step: built.append((step, threading.current_thread().name))
+                        or real(step))
+    tr.run()
+    assert built == [(0, "moelab-prefetch"), (1, "moelab-prefetch"), (2, "moelab-prefetch")]
+    assert tr._prefetch is None and not _prefetch_threads()
+    monkeypatch.setenv(FAULT_NAN_ENV, "1")
+    with pytest.raises(Diverged, match="step 1"):
+        Trainer(_rc(), tmp_path / "b", progress=False).run()
+    assert not _prefetch_threads()
+
+
+def test_nan_between_log_lines_is_named_by_its_step_before_the_next_checkpoint(tmp_path):
+    """Losses are read once per log line (and before a checkpoint), not per step: a NaN loss at step 1, with
+    log lines every 4 steps and checkpoints every 3, raises at step 3, naming step 1, before that checkpoint."""
+    import math
+
+    tr = Trainer(_rc(**{"train.log_every": 4, "train.ckpt_every": 3}), tmp_path, progress=False)
+    real = tr._loss
+
+    def nan_at_step_1(tokens, mtp=True):  # a real NaN on the device, through backward and optimiser
+        obj, ce, moe = real(tokens, mtp)
+        bad = float("nan") if tr.step == 1 else 0.0
+        return obj + bad, ce + bad, moe
+
+    tr._loss = nan_at_step_1
+    with pytest.raises(Diverged, match="diverged at step 1") as e:
+        tr.run()
+    assert math.isnan(e.value.loss) and tr.step == 3
+    assert not (tmp_path / "checkpoint.pt").exists()
+    assert (tmp_path / "metrics.jsonl").read_text() == ""

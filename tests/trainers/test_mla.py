@@ -218,8 +218,15 @@ def test_plan_counts_mla_and_mtp():
     gib = 2**30
     # root = embedding + head + final norm (2 x 257 x 64 + 64); the largest unit is the MTP module
     assert r["mem_gathered_gib"] * gib == pytest.approx(2 * (32960 + 2 * pc["mtp"]))
-    # per token: MLA 2(2*64 + 2*96 + 2*64 + 2*32 + 2*64 + 8) = 1296, dense FFN 2(2*64 + 3*192) = 1408, two
-    # layers; head 4*64 + 10*257 = 2826; the MTP depth: norms and projection 2(5*64) = 640 + a block + the head
-    per_token = 2 * (1296 + 1408) + 2826 + (640 + 1296 + 1408 + 2826)
+    # per token (plan.py's table; N(n) = 6n + 4): MLA q, k 4 x 96, kv up-projection 2(4*16 + 64), output 2*64,
+    # logsumexp 4*4, KV latent N(64) + 128, query latent N(32) + 64 = 1560; a block: attention norm N(64) + 128,
+    # MLA, FFN norm N(64), dense FFN 128 + 8*192 = 4128, two; head 8 + N(64) + 128 + 4*257 + 8 = 1560; the MTP
+    # depth: embedding and hidden norms 2 N(64), their concatenation 4*64, a block, its output norm N(64) + 128,
+    # the head's 4*257 + 8 = 6712
+    mla = 4 * 96 + 2 * (4 * 16 + 64) + 2 * 64 + 16 + (388 + 128) + (196 + 64)
+    block = 516 + mla + 388 + 128 + 8 * 192
+    assert (mla, block) == (1560, 4128)
+    per_token = 2 * block + 1560 + (2 * 388 + 256 + block + 516 + 4 * 257 + 8)
+    assert r["act_bytes_per_token"] == per_token == 16528
     assert r["mem_activations_gib"] * gib == pytest.approx(2 * 64 * per_token)
     assert r["flops_per_token"] == rc.model.flops_per_token(64)

@@ -98,6 +98,70 @@ def test_ep_matches_single_process_loss_and_every_grad(world_size, ep, overrides
             assert float(results[0][case]["grads"]["layers.0.ffn.w_down"][n:].abs().max()) == 0.0
 
 
+# EP dispatch alone, awkward shapes: 2 ranks of 2 experts each (E = 4, k = 3), token counts that differ between
+# the ranks and divide by nothing, dropped slots (-1), experts that receive no slot at all.
+_AWKWARD = {
+    "uneven-T-dropped-expert3-idle": dict(T=(7, 5), never=(3,), drop=0.25),
+    "rank1-receives-nothing": dict(T=(5, 3), never=(2, 3), drop=0.2),
+    "rank1-sends-nothing": dict(T=(6, 1), never=(), drop=0.0, all_dropped_rank=1),
+}
+
+
+def _awkward_inputs(case: dict, seed: int = 0):
+    """Global inputs for one case, drawn alike on every rank: x [T, 12], w_gate_up [4, 20, 12], w_down
+    [4, 12, 10], topk_idx [T, 3] (distinct experts per token, some -1), topk_weight [T, 3], gout [T, 12]."""
+    g = torch.Generator().manual_seed(seed)
+    T, E, k, d, de = sum(case["T"]), 4, 3, 12, 10
+    allowed = [e for e in range(E) if e not in case["never"]]
+    idx = torch.stack([torch.tensor(allowed)[torch.randperm(len(allowed), generator=g)[:k]] if len(allowed) >= k
+                       else torch.tensor(allowed + [-1] * (k - len(allowed))) for _ in range(T)])
+    idx = torch.where(torch.rand(T, k, generator=g) < case["drop"], -1, idx)
+    if "all_dropped_rank" in case:
+        lo = sum(case["T"][:case["all_dropped_rank"]])
+        idx[lo:lo + case["T"][case["all_dropped_rank"]]] = -1
+    return (torch.randn(T, d, generator=g), torch.randn(E, 2 * de, d, generator=g) * 0.3,
+            torch.randn(E, d, de, generator=g) * 0.3, idx, torch.rand(T, k, generator=g),
+            torch.randn(T, d, generator=g))
+
+
+def _ep_experts_awkward(rank, world_size, name):
+    from moelab.trainers.parallel import MoEParallel, init_parallel
+
+    case = _AWKWARD[name]
+    x, wgu, wdn, idx, tw, gout = _awkward_inputs(case)
+    rows = slice(sum(case["T"][:rank]), sum(case["T"][:rank + 1]))
+    mine = slice(2 * rank, 2 * rank + 2)  # this rank's experts
+    leaves = [t.clone().requires_grad_() for t in (x[rows], wgu[mine], wdn[mine], tw[rows])]
+    out = MoEParallel(init_parallel(2, 4), 4).experts(leaves[0], leaves[1], leaves[2], idx[rows], leaves[3])
+    (out * gout[rows]).sum().backward()
+    return out.detach(), [t.grad for t in leaves]
+
+
+@pytest.mark.parametrize("name", list(_AWKWARD))
+def test_ep_dispatch_matches_one_device_on_awkward_shapes(name):
+    from moelab.kernels import moe_experts
+
+    case = _AWKWARD[name]
+    x, wgu, wdn, idx, tw, gout = [t.clone() for t in _awkward_inputs(case)]
+    leaves = [t.requires_grad_() for t in (x, wgu, wdn, tw)]
+    ref = moe_experts(leaves[0], leaves[1], leaves[2], idx, leaves[3], backend="reference")
+    (ref * gout).sum().backward()
+    for e in case["never"]:  # the case really leaves these experts idle
+        assert not (idx == e).any()
+    results = run_distributed(_ep_experts_awkward, 2, name)
+    for rank, (out, (dx, dwgu, dwdn, dtw)) in enumerate(results):
+        rows = slice(sum(case["T"][:rank]), sum(case["T"][:rank + 1]))
+        mine = slice(2 * rank, 2 * rank + 2)
+        torch.testing.assert_close(out, ref.detach()[rows], atol=1e-5, rtol=1e-5, msg=f"out, rank {rank}")
+        torch.testing.assert_close(dx, x.grad[rows], atol=1e-5, rtol=1e-5, msg=f"dx, rank {rank}")
+        torch.testing.assert_close(dtw, tw.grad[rows], atol=1e-5, rtol=1e-5, msg=f"d topk_weight, rank {rank}")
+        # An expert's gradient sums the slots of every rank (the all_to_all backward brings them home).
+        torch.testing.assert_close(dwgu, wgu.grad[mine], atol=1e-5, rtol=1e-5, msg=f"dw_gate_up, rank {rank}")
+        torch.testing.assert_close(dwdn, wdn.grad[mine], atol=1e-5, rtol=1e-5, msg=f"dw_down, rank {rank}")
+    if name == "rank1-receives-nothing":  # its experts got exact zero gradients, still defined (FSDP needs them)
+        assert float(results[1][1][1].abs().max()) == 0.0 and float(results[1][1][2].abs().max()) == 0.0
+
+
 # -- FSDP: optimiser steps -------------------------------------------------------------------------------
 
 

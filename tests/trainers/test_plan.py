@@ -29,10 +29,14 @@ def test_small_case_equals_hand_computation():
     assert r["mem_optim_gib"] * gib == pytest.approx(8 * P / 4)
     # bf16 root (embed + head + final norm = 32960) + 2 blocks of (12928 non-expert + 147456 / ep 2)
     assert r["mem_gathered_gib"] * gib == pytest.approx(2 * (32960 + 2 * (12928 + 147456 / 2)))
-    # per token: attention 2(2*64 + 2*64 + 2*32) = 640; MoE 2(2*64 + 2(2*64 + 2*96)) + 16*8 = 1664; two
-    # layers; head 4*64 + 10*257 = 2826; times 2 sequences x 64 tokens per micro-step
-    assert r["mem_activations_gib"] * gib == pytest.approx(2 * 64 * (2 * (640 + 1664) + 2826))
-    assert r["mem_total_gib"] * gib == pytest.approx(16 * P / 4 + 412544 + 951552)
+    # per token (plan.py's table; N(n) = 6n + 4 an RMSNorm's own saves): attention norm N(64) + 128 = 516;
+    # GQA 4*64 + 4*32 + 4*4 heads = 400; FFN norm N(64) = 388; MoE under EP (its input not saved): router
+    # 4*64 + 8*8 + 8*2 + 4 + renormalised 4*2 + 4 = 352, 2 slots of 4*64 + 6*96 + 34 = 866; a block 3388,
+    # two; head 8 + N(64) + 128 + 4*257 + 8 = 1560: 8336 per token, 2 sequences x 64 tokens per micro-step
+    assert r["act_bytes_per_token"] == 2 * (516 + 400 + 388 + 352 + 2 * 866) + 1560 == 8336
+    assert r["mem_activations_gib"] * gib == pytest.approx(128 * 8336)
+    assert r["mem_logits_gib"] * gib == pytest.approx(128 * 6 * 257)  # bf16 logits + fp32 copy at the loss
+    assert r["mem_total_gib"] * gib == pytest.approx(16 * P / 4 + 412544 + 128 * 8336 + 128 * 6 * 257)
     # 4 (dispatch, combine, fwd + bwd) x 2 micro-steps x 2 layers x 128 tokens x top-2 x d 64 x (1/2) x 2 bytes
     assert r["a2a_bytes_per_step"] == 4 * 2 * 2 * 128 * 2 * 64 * 0.5 * 2 == 262144
     # 2 micro-steps x (2 + 2 + 4) bytes x (P_n x 3/4 + experts/ep x 1/2)
@@ -48,6 +52,28 @@ def test_small_case_equals_hand_computation():
     assert t_fsdp > t_compute  # so the FSDP excess shows in the step time
     assert r["step_time_s"] == pytest.approx(t_compute + t_a2a + (t_fsdp - t_compute))
     assert r["tokens_per_s"] == pytest.approx(1024 / r["step_time_s"])
+
+
+def test_activation_checkpointing_modes():
+    rc = preset("moe-tiny")
+    none, sel, full = (make_plan(rc, PlanInputs(**{**SMALL.__dict__, "activation_checkpointing": ac}))
+                       for ac in ("none", "selective", "full"))
+    assert none["activation_checkpointing"] == "none"  # the preset's default
+    # selective: a block keeps the inputs of its attention norm, attention and FFN norm (3 x 128) and its MoE
+    # (2084); the final norm its input and output (8 + 256 + 4*257 + 8). full: a block its input and routing
+    # (128 + 8*2), the head as without
+    assert sel["act_bytes_per_token"] == 2 * (384 + 352 + 2 * 866) + 1300 == 6236
+    assert full["act_bytes_per_token"] == 2 * (128 + 16) + 1560 == 1848
+    # recomputed forward FLOPs per token: selective the attention sub-layers (2 x 12288 params + scores and
+    # values 2 x 64 x 4 x 32 per layer), full every block (2 x 99648 active non-embedding params + the same)
+    tokens = 16 * 64
+    assert sel["flops_recompute_per_step"] == tokens * 2 * (2 * 12288 + 2 * 64 * 4 * 32) == tokens * 81920
+    assert full["flops_recompute_per_step"] == tokens * (2 * 99648 + 2 * 2 * 64 * 4 * 32) == tokens * 232064
+    assert none["flops_recompute_per_step"] == 0 and sel["t_compute_s"] > none["t_compute_s"]
+    # full AC dispatches and combines again in the recomputation
+    assert full["a2a_bytes_per_step"] == 1.5 * none["a2a_bytes_per_step"] == sel["a2a_bytes_per_step"] * 1.5
+    with pytest.raises(ConfigError, match="--activation-checkpointing: got 'some'; allowed: none, selective, full"):
+        make_plan(rc, PlanInputs(gpus=4, activation_checkpointing="some"))
 
 
 def test_more_gpus_shrink_memory_and_ep1_has_no_all_to_all():
@@ -82,6 +108,13 @@ def test_cli(capsys):
     assert main(["plan", "--preset", "moe-tiny", "--gpus", "4", "--ep", "2", "--seq", "64", "--micro-batch", "2",
                  "--batch", "16", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["a2a_bytes_per_step"] > 0
+    assert main(["plan", "--gpus", "64", "--ep", "6"]) == 2
+    assert "--ep: got 6" in capsys.readouterr().err
+    assert main(["plan", "--gpus", "8", "--ep", "8", "--activation-checkpointing", "full", "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)
+    assert full["activation_checkpointing"] == "full"
+    none = make_plan(preset("moe-1b"), PlanInputs(gpus=8, ep=8))
+    assert full["mem_activations_gib"] < none["mem_activations_gib"] / 10
     assert main(["plan", "--gpus", "64", "--ep", "6"]) == 2
     assert "--ep: got 6" in capsys.readouterr().err
     r = subprocess.run([sys.executable, "-m", "moelab", "plan", "--help"], capture_output=True, text=True, timeout=60)
