@@ -430,7 +430,9 @@ def _run_leased(spec: SweepSpec, trials: list[Trial], by_id: dict[str, Trial], r
     started_ray = False
     try:
         if todo:
-            started_ray = _init_ray(say, warm=spec.resources.in_tune)
+            # Warm workers (init_local_ray) stay off until measured on an idle machine: their first version
+            # ran every trial with one torch thread per core (bench/RESULTS.md, "Sweep controller").
+            started_ray = _init_ray(say, warm=False)
             report.max_concurrent = _tune(
                 spec, todo, store, status, checkpoints, start_attempt, ray_fs, ray_path, scratch, max_concurrent,
                 wandb, worker_retries, trial_retries, say, say if verbose else (lambda msg: None), pending,

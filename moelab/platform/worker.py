@@ -359,12 +359,24 @@ class RunPlace:
         return os.path.join(self.train_path, trial_id, "run")
 
 
+def _threads_from_env() -> None:
+    """Use the CPUs Ray gave this trial: Ray sets OMP_NUM_THREADS for an actor when the actor is placed,
+    which torch reads only when it is first imported; a worker that imported torch before that (a warm
+    worker, `moelab/platform/warm/`) would otherwise run one thread per core in every trial at once."""
+    n = os.environ.get("OMP_NUM_THREADS", "")
+    if n.isdigit() and int(n) > 0:
+        import torch
+
+        torch.set_num_threads(int(n))
+
+
 def trial_in_tune(config: dict[str, Any], place: RunPlace) -> None:
     """The Tune function trainable of a 1-worker sweep trial (config: the controller's trial config): the run
     trains in this process, no Ray Train run, no worker group. Its checkpoints go where a 1-worker Train run
     of the same name keeps them, so a resumed sweep, an upcycled trial and the trials table see one layout
     whichever path ran."""
     tid = config["trial_id"]
+    _threads_from_env()
     train_in_trial({"run": config["run"], "out_dir": place.run_dir(tid), "env": config["env"],
                     "upcycle_checkpoint": config.get("upcycle_checkpoint"), "upcycle_fs": place.filesystem},
                    ckpt_root=f"{place.train_path}/{tid}", filesystem=place.filesystem)

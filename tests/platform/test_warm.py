@@ -59,7 +59,17 @@ RAY = textwrap.dedent("""
         def modules(self):
             return {m: m in sys.modules for m in ("torch._dynamo", "ray.tune", "moelab.trainers.loop")}
 
-    got = ray.get(Probe.remote().modules.remote())
+        def threads(self):  # what a trial runs with: one torch thread per CPU Ray gave it, warm or not
+            import torch
+
+            from moelab.platform.worker import _threads_from_env
+
+            _threads_from_env()
+            return torch.get_num_threads()
+
+    probe = Probe.remote()
+    got = ray.get(probe.modules.remote())
+    got["threads"] = ray.get(probe.threads.remote())
     ray.shutdown()
     print(json.dumps({"env_clean": env_clean, **got}))
 """)
@@ -72,7 +82,8 @@ def test_a_local_rays_first_actor_finds_the_trainer_imported(tmp_path):
     env = {**os.environ, "RAY_ADDRESS": ""}
     warm = json.loads(subprocess.run([*run, "1", "10"], env=env, capture_output=True, text=True, check=True,
                                      timeout=240).stdout.strip().splitlines()[-1])
-    assert warm == {"env_clean": True, "torch._dynamo": True, "ray.tune": True, "moelab.trainers.loop": True}
+    assert warm == {"env_clean": True, "torch._dynamo": True, "ray.tune": True, "moelab.trainers.loop": True,
+                    "threads": 1}
     cold = json.loads(subprocess.run([*run, "0", "0"], env=env, capture_output=True, text=True, check=True,
                                      timeout=240).stdout.strip().splitlines()[-1])
     assert cold["torch._dynamo"] is False and cold["moelab.trainers.loop"] is False
