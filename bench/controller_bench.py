@@ -14,23 +14,30 @@ concurrency = CPUs / that). For each:
   * slot overhead per trial: (sweep wall x concurrency - sum of training) / trials: all a slot spends on
     anything but training, the gaps between trials and the sweep's start and end included;
   * training share: sum of training / (sweep wall x concurrency); also counted from Ray's start (what a
-    user of `moelab sweep` waits for: the CLI starts Ray itself).
+    user of `moelab sweep` waits for: the CLI starts Ray itself);
+  * first trial running at: from the call of `run_sweep` to the first trial's `running` line (its Tune
+    actor has started and called the trainable); fresh worker processes: workers Ray started for the
+    sweep (the trial actors of the `tune` path start in the ones Ray prestarted).
 
-Paths: `tune` starts Ray as `moelab sweep` does (`controller.init_local_ray`: its idle worker processes import
-torch and the trainer before the first trial reaches them); `tune-cold` the same trials on plain workers that
-import all of it when their first trial starts (the path before that); `train` Ray Train runs.
+Paths: `tune` starts Ray as `moelab sweep` does (`controller.init_local_ray(warm=True)`: Ray's prestarted worker
+processes import ray.tune, torch and the trainer once connected, and the trial actors start in them);
+`tune-cold` the same trials on a Ray started without warm workers (the trial actors start in Ray's prestarted
+worker processes, which import ray.tune, torch and the trainer only when their first trial starts); `train` Ray Train runs. Each path runs in a fresh Python
+process, so each pays the driver's own imports (ray.tune) as `moelab sweep` does.
 
     OMP_NUM_THREADS=1 python bench/controller_bench.py [--steps 60] [--cpus 2] [--cpus-per-worker 1]
-        [--paths tune tune-cold train]
+        [--paths tune tune-cold train] [--repeats 1]
 """
 
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -69,10 +76,14 @@ def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, label: s
         tid, _, what = msg.partition(": ")
         marks.setdefault(tid, {})[what.split()[0].rstrip(",")] = time.perf_counter()
 
+    logs = ray._private.worker._global_node.get_logs_dir_path()
     try:
+        t_sweep = time.perf_counter()
         report = run_sweep(parse_spec(spec_doc(steps, ckpt_every, cpus_per_worker, path)), storage=root, log=log)
     finally:
         ray.shutdown()
+    # worker processes Ray started for this job (its id in the log name); the prestarted ones carry no job id
+    fresh = len(glob.glob(os.path.join(logs, "worker-*-01000000-*.err")))
     assert report.path == path, (report.path, path)
     trials = mr.open(root).trials("bench")
     assert (trials.status == "finished").all(), trials[["trial_id", "status", "error"]]
@@ -88,7 +99,8 @@ def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, label: s
             "slot_overhead_per_trial_s": (report.wall_s * conc - sum(train.values())) / n,
             "train_share": sum(train.values()) / (report.wall_s * conc),
             "train_share_from_ray_start": sum(train.values()) / ((report.wall_s + ray_start) * conc),
-            "warm": warm,
+            "warm": warm, "fresh_worker_processes": fresh,
+            "first_running_s": min(m["running"] for m in marks.values() if "running" in m) - t_sweep,
             "load_before": load0, "load_after": os.getloadavg()[0]}
 
 
@@ -101,20 +113,37 @@ def main() -> int:
     p.add_argument("--paths", nargs="+", default=["tune", "tune-cold", "train"], choices=["tune", "tune-cold", "train"],
                    help="tune: inside Tune trials on warm workers (what moelab sweep does); tune-cold: the same "
                         "on workers that import everything when their first trial starts; train: Ray Train runs")
+    p.add_argument("--repeats", type=int, default=1, help="run the paths this many times, interleaved")
     p.add_argument("--json", help="also write the rows here")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process, print its row
     a = p.parse_args()
-    rows = [one(a.steps, a.ckpt_every, a.cpus, c, path) for c in a.cpus_per_worker for path in a.paths]
+    if a.one:
+        print(json.dumps(one(a.steps, a.ckpt_every, a.cpus, a.cpus_per_worker[0], a.one)))
+        return 0
+    rows = []
+    for _ in range(a.repeats):
+        for c in a.cpus_per_worker:
+            for path in a.paths:  # a fresh process per sweep: nothing imported or started by an earlier one
+                out = subprocess.run([sys.executable, __file__, "--one", path, "--steps", str(a.steps),
+                                      "--ckpt-every", str(a.ckpt_every), "--cpus", str(a.cpus),
+                                      "--cpus-per-worker", str(c)], capture_output=True, text=True)
+                if out.returncode != 0:
+                    sys.stderr.write(out.stderr[-4000:])
+                    raise SystemExit(f"{path}: exit {out.returncode}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
     print(f"8 x moe-tiny, {a.steps} steps x 1,024 tokens, {a.cpus} CPUs, {platform.machine()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, {time.strftime('%Y-%m-%d')}")
     print("| path | CPUs/worker | concurrent | sweep wall (s) | sum of training (s) | median training (s) "
           "| median trial span (s) | median overhead/trial (s) | slot overhead/trial (s) | training share "
-          "| Ray start (s) | share from Ray start | load avg before/after |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| Ray start (s) | share from Ray start | first trial running at (s) | fresh worker processes "
+          "| load avg before/after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         print(f"| {r['path']} | {r['cpus_per_worker']:g} | {r['concurrency']} | {r['sweep_wall_s']:.1f} | "
               f"{r['train_sum_s']:.1f} | {r['train_median_s']:.2f} | {r['span_median_s']:.1f} | "
               f"{r['overhead_median_s']:.1f} | {r['slot_overhead_per_trial_s']:.1f} | {r['train_share']:.0%} | "
-              f"{r['ray_start_s']:.1f} | {r['train_share_from_ray_start']:.0%} | "
+              f"{r['ray_start_s']:.1f} | {r['train_share_from_ray_start']:.0%} | {r['first_running_s']:.1f} | "
+              f"{r['fresh_worker_processes']} | "
               f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     if a.json:
         with open(a.json, "w") as f:

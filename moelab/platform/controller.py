@@ -11,7 +11,10 @@ How it runs (Ray 2.60, Train V2; see refs.md "Measured on the CPU machines"):
     - 1-worker trials (the default; `resources.workers: 1`): the trial trains inside its Tune trial
       (`worker.trial_in_tune`, a function trainable holding the worker's CPUs/GPUs).
       Tune reuses the trial actors (`reuse_actors`), so from the second trial on a slot starts with torch
-      and the trainer imported: a trial costs its training plus a fraction of a second.
+      and the trainer imported: a trial costs its training plus a fraction of a second. On a local Ray that
+      `moelab sweep` starts, the first trials do not wait for those imports either: Ray's prestarted worker
+      processes import them once connected, while the sweep is being set up (`init_local_ray(warm=True)`),
+      and the trial actors start in them (`_plain_trial_actors`).
     - Several workers, or `resources.ray_train: true`: a light driver function (`_trial_driver`, pinned to
       the head node with a sliver of its `node:__internal_head__` resource, so it takes no CPU) builds a
       `TorchTrainer` (`moelab.platform.worker.fit`) with `TuneReportCallback` and calls `fit()`; the Train
@@ -55,6 +58,7 @@ Test hooks (fault injection; environment of the controller, forwarded to the cho
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -258,7 +262,7 @@ def _exists(fs: pafs.FileSystem | None, path: str) -> bool:
 
 def _init_ray(log: Callable[[str], None], warm: bool = False) -> bool:
     """Connect to the cluster (RAY_ADDRESS, as under `ray job submit`) or start a local Ray; True if
-    this call started it. warm: the local Ray's idle worker processes import torch and the trainer before
+    this call started it. warm: the local Ray's worker processes import torch and the trainer before
     any trial asks for them (`init_local_ray`)."""
     import ray
 
@@ -272,47 +276,91 @@ def _init_ray(log: Callable[[str], None], warm: bool = False) -> bool:
     return True
 
 
-WARM_DIR = str(Path(__file__).resolve().parent / "warm")
+# What a 1-worker trial imports, in the order it imports it: Ray's prestarted workers import these once they
+# have connected, before they take work (Ray's `preload_python_modules`), while the driver sets the sweep up.
+# Not torch._dynamo: the trainer never loads it unless asked to compile (moelab.trainers.optim.AdamW).
+WARM_MODULES = ("ray.tune", "torch", "moelab.platform.worker", "moelab.trainers.loop")
 
 
 def init_local_ray(*, warm: bool = True, **kwargs: Any) -> None:
     """Start a local Ray (`ray.init(**kwargs)`, no dashboard, worker logs not forwarded by default).
 
-    warm: Ray's prestarted worker processes (one per CPU, handed to the first actors: the sweep's Tune
-    trials) import ray.tune, torch and the trainer as soon as they start, while the driver sets the sweep up
-    (`moelab/platform/warm/sitecustomize.py` says how). The driver's own environment is left as it was."""
+    warm: every worker process this Ray starts imports `WARM_MODULES` after it has connected and before it
+    takes work (Ray's `preload_python_modules` system setting), so the one-per-CPU workers Ray prestarts,
+    in which a sweep's first Tune trials start (`_plain_trial_actors`), have ray.tune, torch and the trainer
+    loaded by the time the driver has set the sweep up (measured: bench/RESULTS.md, "Sweep controller").
+    `ray.init` does not wait for those imports, only for the workers to connect; an actor that arrives
+    earlier waits for them in its worker instead of a fresh process being started. Only for trials that run
+    inside Tune trials: a Ray Train run's helper actors would import torch for nothing."""
     import ray
 
     kwargs = {"log_to_driver": False, "include_dashboard": False, **kwargs}
-    if not warm:
-        ray.init(**kwargs)
-        return
-    saved = {k: os.environ.get(k) for k in ("PYTHONPATH", "MOELAB_WARM_WORKERS")}
-    os.environ["PYTHONPATH"] = os.pathsep.join([WARM_DIR, *filter(None, [saved["PYTHONPATH"]])])
-    os.environ["MOELAB_WARM_WORKERS"] = "1"
+    if warm:
+        config = dict(kwargs.pop("_system_config", None) or {})
+        config.setdefault("preload_python_modules", list(WARM_MODULES))
+        kwargs["_system_config"] = config
+    ray.init(**kwargs)
+
+
+def _local_head() -> bool:
+    """This process started the Ray it is connected to (a local Ray): Ray's processes inherited its
+    environment."""
+    import ray._private.worker as ray_worker
+
+    node = getattr(ray_worker, "_global_node", None)
+    return bool(getattr(node, "head", False))
+
+
+@contextlib.contextmanager
+def _plain_trial_actors(enabled: bool):
+    """Inside: Tune creates its trial actors without a runtime_env, so that they can start in the worker
+    processes Ray prestarted (`ray::IDLE`, one per CPU; warm ones have torch and the trainer imported).
+
+    Why: Tune (2.60, `tune.execution.class_cache`) gives every trial actor `runtime_env={"env_vars": ...}`
+    (PL_DISABLE_FORK=1 and the driver's values of a few variables: AWS credentials, RAY_CHDIR_TO_TRIAL_DIR,
+    Ray Train's settings), and Ray never hands an actor with a runtime_env a prestarted worker: each trial slot
+    started a fresh process (import ray, connect, import ray.tune: ~2 s of CPU on the 2-core machines before
+    the trial's own imports). Only for a local Ray that this process started (`_local_head`): its workers
+    inherited this process's environment, so the runtime_env only repeats it (PyTorch Lightning's fork switch
+    aside). On a cluster Tune's behaviour is kept. If Tune's internals move (a Ray upgrade), nothing is patched
+    and trials start as before (tests/platform/test_warm.py checks that the hook still takes)."""
     try:
-        ray.init(**kwargs)  # the raylet, and the workers it starts, keep the environment of this moment
+        from ray.tune.execution import tune_controller
+    except ImportError:  # pragma: no cover - Tune's layout changed
+        enabled = False
+    base = getattr(tune_controller, "_ActorClassCache", None) if enabled else None
+    if base is None or not hasattr(base, "get"):
+        yield False
+        return
+    import ray
+
+    class PlainActorClasses(base):
+        def get(self, trainable_cls):
+            if trainable_cls not in self._cache:
+                self._cache[trainable_cls] = ray.remote(trainable_cls)
+            return self._cache[trainable_cls]
+
+    tune_controller._ActorClassCache = PlainActorClasses
+    try:
+        yield True
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+        tune_controller._ActorClassCache = base
 
 
 class _PendingRows:
     """Writes the `pending` trials rows in run order in a thread, so that Ray starts and the first trials run
     while the rest are being written (hundreds of rows on an object store take a while)."""
 
-    def __init__(self, store: Store, rows: list[dict[str, Any]]):
+    def __init__(self, store: Store, rows: list[dict[str, Any]], before: Callable[[], Any] = lambda: None):
         self.written = {r["trial_id"]: threading.Event() for r in rows}
         self.error: BaseException | None = None
-        self.thread = threading.Thread(target=self._write, args=(store, rows), name="moelab-pending-rows",
+        self.thread = threading.Thread(target=self._write, args=(store, rows, before), name="moelab-pending-rows",
                                        daemon=True)
         self.thread.start()
 
-    def _write(self, store: Store, rows: list[dict[str, Any]]) -> None:
+    def _write(self, store: Store, rows: list[dict[str, Any]], before: Callable[[], Any]) -> None:
         try:
+            before()  # the sweep's lease is confirmed before its first row is written
             for r in rows:
                 store.write_trial(r)
                 self.written[r["trial_id"]].set()
@@ -328,6 +376,8 @@ class _PendingRows:
             self.thread.join()
         elif trial_id in self.written:
             self.written[trial_id].wait()
+        if isinstance(self.error, LeaseHeld):
+            raise SweepError(str(self.error)) from None
         if self.error is not None:
             raise SweepError(f"could not write the trials table: {self.error}") from self.error
 
@@ -384,10 +434,12 @@ def run_sweep(spec: SweepSpec | str | os.PathLike, *, storage: str | None = None
 
     store = Store(root)
     # One writer per sweep: a second `--resume` of a running sweep would hide the first one's rows. The lease is
-    # taken before the stored state is read, so what this run resumes from cannot change under it.
+    # claimed before the stored state is read, so what this run resumes from cannot change under it; it is
+    # confirmed (after `settle_s`, Lease.confirm) before anything is written: the first pending row, Tune's
+    # experiment. The settle wait overlaps Ray's start and Tune's set-up.
     lease = store.lease(spec.name, **(lease_kw or {}))
     try:
-        lease.acquire()
+        lease.claim()
     except LeaseHeld as e:
         raise SweepError(str(e)) from None
     try:
@@ -426,17 +478,18 @@ def _run_leased(spec: SweepSpec, trials: list[Trial], by_id: dict[str, Trial], r
     report = SweepReport(sweep=spec.name, root=str(root), status={}, ran=[t.trial_id for t in todo],
                          skipped=skipped, max_concurrent=0, wall_s=0.0,
                          path="tune" if spec.resources.in_tune else "train")
-    pending = _PendingRows(store, [{**t.row(), "attempt": start_attempt[t.trial_id]} for t in todo])
+    pending = _PendingRows(store, [{**t.row(), "attempt": start_attempt[t.trial_id]} for t in todo],
+                           before=lease.confirm)
     started_ray = False
     try:
         if todo:
-            # Warm workers (init_local_ray) stay off until measured on an idle machine: their first version
-            # ran every trial with one torch thread per core (bench/RESULTS.md, "Sweep controller").
-            started_ray = _init_ray(say, warm=False)
+            # Warm workers: only trials inside Tune trials train in the workers Ray prestarts (a Ray Train
+            # run's helper actors would import torch for nothing).
+            started_ray = _init_ray(say, warm=spec.resources.in_tune)
             report.max_concurrent = _tune(
                 spec, todo, store, status, checkpoints, start_attempt, ray_fs, ray_path, scratch, max_concurrent,
                 wandb, worker_retries, trial_retries, say, say if verbose else (lambda msg: None), pending,
-                progress, total=len(trials))
+                progress, total=len(trials), lease=lease)
         pending.wait()
     finally:
         pending.thread.join()
@@ -461,7 +514,7 @@ def _tune(spec: SweepSpec, todo: list[Trial], store: Store, status: dict[str, st
           start_attempt: dict[str, int], ray_fs: pafs.FileSystem | None, ray_path: str, scratch: str | None,
           max_concurrent: int | None, use_wandb: bool, worker_retries: int, trial_retries: int,
           say: Callable[[str], None], trial_log: Callable[[str], None], pending: _PendingRows,
-          progress: Callable[[SweepProgress], None] | None, total: int) -> int:
+          progress: Callable[[SweepProgress], None] | None, total: int, lease: Any) -> int:
     import ray
     from ray import tune
 
@@ -513,6 +566,10 @@ def _tune(spec: SweepSpec, todo: list[Trial], store: Store, status: dict[str, st
                        ray_env={k: v for k, v in os.environ.items() if k.startswith("RAY_TRAIN_")})
         trainable = tune.with_resources(tune.with_parameters(_trial_driver, ctx=ctx), {HEAD_RESOURCE: DRIVER_SHARE})
         max_failures = trial_retries
+    try:
+        lease.confirm()  # nothing of the sweep is written before its lease is confirmed (Tuner makes its dirs)
+    except LeaseHeld as e:
+        raise SweepError(str(e)) from None
     tuner = tune.Tuner(
         trainable,
         tune_config=tune.TuneConfig(search_alg=_make_searcher(queue, status, checkpoints, on_blocked),
@@ -532,5 +589,6 @@ def _tune(spec: SweepSpec, todo: list[Trial], store: Store, status: dict[str, st
 
     # Tune's end-of-run analysis looks for its own result files, which the disabled loggers did not write.
     logging.getLogger("ray.tune.analysis.experiment_analysis").setLevel(logging.ERROR)
-    tuner.fit()
+    with _plain_trial_actors(r.in_tune and _local_head()):
+        tuner.fit()
     return n

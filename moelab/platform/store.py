@@ -972,6 +972,9 @@ class Lease:
         self.lost = False
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self._confirm_lock = threading.Lock()
+        self._claimed_at: float | None = None
+        self._confirmed: bool | LeaseHeld | None = None  # None: not yet confirmed
 
     # -- the record ---------------------------------------------------------------------------------------------
     def read(self) -> dict[str, Any] | None:
@@ -1037,18 +1040,41 @@ class Lease:
         return False
 
     def acquire(self) -> "Lease":
-        rec = self.read()
-        if self.live(rec) and rec.get("token") != self.token and not self._dead_here(rec):
-            raise self._held_by(rec)
-        self._write()
-        if self.settle_s > 0:
-            time.sleep(self.settle_s)
-        rec = self.read()
-        if not rec or rec.get("token") != self.token:
-            raise self._held_by(rec or {"owner": "another process"})
-        self._stop.clear()
-        self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{self.sweep}")
-        self._thread.start()
+        """claim() then confirm(): the lease is held when this returns (LeaseHeld if it is not)."""
+        return self.claim().confirm()
+
+    def claim(self) -> "Lease":
+        """The first half of acquiring: raise LeaseHeld if another live process holds the lease, else write
+        this one's record. Nothing may be written to the sweep before `confirm()` returns; reading it is safe
+        in between (a process that could be writing holds a confirmed lease, which this call would have seen),
+        so a caller can do its slow set-up while the record settles."""
+        with self._confirm_lock:
+            rec = self.read()
+            if self.live(rec) and rec.get("token") != self.token and not self._dead_here(rec):
+                raise self._held_by(rec)
+            self._write()
+            self._claimed_at, self._confirmed = time.monotonic(), None
+        return self
+
+    def confirm(self) -> "Lease":
+        """The second half: wait until `settle_s` has passed since claim(), read the record back (LeaseHeld if
+        another process's record replaced it) and start the heartbeat. Thread-safe; later calls return (or
+        raise) what the first one did."""
+        with self._confirm_lock:
+            if self._claimed_at is None:
+                raise RuntimeError("Lease.confirm() before claim()")
+            if self._confirmed is None:
+                time.sleep(max(0.0, self._claimed_at + self.settle_s - time.monotonic()))
+                rec = self.read()
+                if not rec or rec.get("token") != self.token:
+                    self._confirmed = self._held_by(rec or {"owner": "another process"})
+                else:
+                    self._confirmed = True
+                    self._stop.clear()
+                    self._thread = threading.Thread(target=self._beat, daemon=True, name=f"lease-{self.sweep}")
+                    self._thread.start()
+            if isinstance(self._confirmed, LeaseHeld):
+                raise self._confirmed
         return self
 
     def _beat(self) -> None:

@@ -362,7 +362,7 @@ class RunPlace:
 def _threads_from_env() -> None:
     """Use the CPUs Ray gave this trial: Ray sets OMP_NUM_THREADS for an actor when the actor is placed,
     which torch reads only when it is first imported; a worker that imported torch before that (a warm
-    worker, `moelab/platform/warm/`) would otherwise run one thread per core in every trial at once."""
+    worker, `controller.init_local_ray`) would otherwise run one thread per core in every trial at once."""
     n = os.environ.get("OMP_NUM_THREADS", "")
     if n.isdigit() and int(n) > 0:
         import torch

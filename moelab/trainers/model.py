@@ -195,10 +195,16 @@ class Transformer(nn.Module):
         # Multi-token prediction: depth j+1 is mtp[j]; they share embed and lm_head with the model.
         self.mtp = nn.ModuleList(MTPModule(cfg) for _ in range(cfg.mtp_depth))
         self.mtp_ce: list[torch.Tensor] = []
-        # Tables for the rotated features only: head_dim (GQA), qk_rope_head_dim (MLA).
-        cos, sin = rope_tables(cfg.qk_rope_dim, cfg.max_seq_len, cfg.rope_theta)
-        self.register_buffer("rope_cos", cos, persistent=False)
-        self.register_buffer("rope_sin", sin, persistent=False)
+        # Tables for the rotated features only: head_dim (GQA), qk_rope_head_dim (MLA). Computed unless the
+        # model is built on `meta` (`meta_model`; `init_buffers` fills them after `to_empty`): ops on meta
+        # tensors run torch's Python references, and the first of those imports torch._dynamo (1.6 s of CPU).
+        shape = (cfg.max_seq_len, cfg.qk_rope_dim // 2)
+        self.register_buffer("rope_cos", torch.empty(shape), persistent=False)
+        self.register_buffer("rope_sin", torch.empty(shape), persistent=False)
+        if not self.rope_cos.is_meta:
+            cos, sin = rope_tables(cfg.qk_rope_dim, cfg.max_seq_len, cfg.rope_theta, device=self.rope_cos.device)
+            self.rope_cos.copy_(cos)
+            self.rope_sin.copy_(sin)
 
     def forward(self, tokens: torch.Tensor, targets: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: [B, S] -> next-token logits [B, S, vocab].
@@ -284,8 +290,17 @@ class Transformer(nn.Module):
 
     def to_empty(self, *, device, recurse: bool = True) -> "Transformer":
         """nn.Module.to_empty, keeping a tied output head tied: from `meta` it makes a new Parameter per
-        name, which would untie lm_head from the embedding."""
-        super().to_empty(device=device, recurse=recurse)
+        name, which would untie lm_head from the embedding. A plain tensor is allocated with `empty_strided`:
+        torch's `empty_like` of a meta tensor runs its Python reference, which imports sympy (0.5 s of CPU
+        in every process); a DTensor (a shard) keeps `empty_like`, which allocates only the local part."""
+        from moelab.trainers.init import is_dtensor
+
+        def empty(t: torch.Tensor) -> torch.Tensor:
+            if is_dtensor(t):
+                return torch.empty_like(t, device=device)
+            return torch.empty_strided(t.size(), t.stride(), dtype=t.dtype, device=device)
+
+        self._apply(empty, recurse=recurse)
         if self.cfg.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         return self
@@ -302,11 +317,29 @@ class Transformer(nn.Module):
             m.load_accum.zero_()
 
 
+class _NoMetaInit(torch.overrides.TorchFunctionMode):
+    """Skips torch's default initialisers (`torch.nn.init.*_`, `Tensor.normal_` / `uniform_`) on `meta`
+    tensors, which hold nothing to initialise: `init_weights` draws every value later. Without it, each
+    `nn.Linear` / `nn.Embedding` built on `meta` runs its initialiser through torch's Python reference
+    implementation, whose first call imports torch._dynamo (1.6 s of CPU, in every trial process)."""
+
+    _TENSOR_INITS = {torch.Tensor.normal_, torch.Tensor.uniform_}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        first = args[0] if args else kwargs.get("tensor")  # torch.nn.init passes its tensor by keyword
+        if isinstance(first, torch.Tensor) and first.is_meta and (
+                func in self._TENSOR_INITS or (getattr(func, "__module__", "") == "torch.nn.init"
+                                              and func.__name__.endswith("_"))):
+            return first
+        return func(*args, **kwargs)
+
+
 def meta_model(cfg: ModelConfig) -> Transformer:
     """A Transformer on the `meta` device: shapes, no storage and no draws. Shard it (`parallel.parallelize`),
     then `to_empty(device=...)` and `init_weights(seed)` (or load weights and `init_buffers()`)."""
     cfg.validate()
-    with torch.device("meta"):
+    with _NoMetaInit(), torch.device("meta"):
         return Transformer(cfg)
 
 

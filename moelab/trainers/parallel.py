@@ -45,13 +45,12 @@ from typing import Iterable
 
 import torch
 import torch.distributed as dist
-import torch.distributed.nn.functional as dist_nn
 import torch.nn as nn
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
-from torch.distributed.tensor import DTensor, Shard
 
 from moelab.kernels import moe_experts
 from moelab.trainers.config import ConfigError, RunConfig
+from moelab.trainers.init import is_dtensor
 
 # torch 2.13 marks the autograd all_to_all deprecated in favour of the functional collectives; it is the one
 # this module is specified against (uneven splits, autograd, gloo) and it still works.
@@ -181,7 +180,7 @@ _all_gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_t
 
 
 def _local(w: torch.Tensor) -> torch.Tensor:
-    return w.to_local() if isinstance(w, DTensor) else w
+    return w.to_local() if is_dtensor(w) else w
 
 
 class _GlobalMean(torch.autograd.Function):
@@ -212,6 +211,11 @@ class MoEParallel:
         self.group = par.group
         self.world_size = par.world_size
         self.rank = par.rank
+        # the differentiable all_to_all; imported here, not with the module: a single process never needs it
+        # (0.17 s of CPU in every trial process)
+        from torch.distributed.nn.functional import all_to_all_single
+
+        self.all_to_all = all_to_all_single
 
     def global_mean(self, t: torch.Tensor) -> torch.Tensor:
         """Mean of per-rank means over all ranks (equal token counts), with the local gradient."""
@@ -268,8 +272,8 @@ class MoEParallel:
         # and its backward yields their gradient; one more small all_to_all instead of two passes over [slots, d]
         # (weighting the returned rows here, and its backward).
         ws = topk_weight.reshape(-1).index_select(0, order)
-        xr = dist_nn.all_to_all_single(xs.new_empty(n_recv, d), xs, recv, send, group=self.ep_group)
-        wr = dist_nn.all_to_all_single(ws.new_empty(n_recv), ws, recv, send, group=self.ep_group)
+        xr = self.all_to_all(xs.new_empty(n_recv, d), xs, recv, send, group=self.ep_group)
+        wr = self.all_to_all(ws.new_empty(n_recv), ws, recv, send, group=self.ep_group)
         # Arrived rows: grouped by source rank, each source's rows sorted by (local) expert. The expert kernel
         # routes them as k = 1 slots of `local_e` and writes each result back to its arrival row. A rank that
         # receives no row still runs the kernel (on [0, d]): its backward must issue the reverse all_to_alls,
@@ -277,7 +281,7 @@ class MoEParallel:
         local_e = torch.repeat_interleave(torch.arange(self.n_local, device=x_TD.device).repeat(self.ep),
                                           recv_counts.reshape(-1), output_size=n_recv)
         yr = moe_experts(xr, w_gu, w_dn, local_e[:, None], wr[:, None], backend=backend)  # gate-weighted
-        ys = dist_nn.all_to_all_single(yr.new_empty(n_send, d), yr, send, recv, group=self.ep_group)
+        ys = self.all_to_all(yr.new_empty(n_send, d), yr, send, recv, group=self.ep_group)
         # Sum each token's (weighted) slots: one scatter-add of the returned rows into the [T, d] output, whose
         # backward is the gather that fills the backward's send buffer.
         return ys.new_zeros(T, d).index_add_(0, token, ys)
@@ -286,6 +290,8 @@ class MoEParallel:
 def apply_ep(model: nn.Module, par: Parallel) -> nn.Module:
     """Give each EP rank its n_experts/ep experts (a DTensor `Shard(0)` on the ep mesh) and install the
     distributed MoE hook (dispatch, global balance statistics) on every MoE layer. In place."""
+    from torch.distributed.tensor import DTensor, Shard
+
     ep_mesh = par.mesh["ep"]
     for _, moe in model.moe_layers():
         check_layout(par.world_size, par.ep, moe.n_experts)
@@ -303,9 +309,11 @@ def apply_ep(model: nn.Module, par: Parallel) -> nn.Module:
 # FSDP2
 
 
-def _expert_shard_dim(moe: nn.Module, dp: int) -> Shard:
+def _expert_shard_dim(moe: nn.Module, dp: int):
     """Shard experts over dp on a dim that divides evenly (1, then 2): plain `Shard` placements on the
     (dp_shard, ep) mesh. Dim 0 would need FSDP's strided sharding under the ep split."""
+    from torch.distributed.tensor import Shard
+
     shapes = [_local(moe.w_gate_up).shape, _local(moe.w_down).shape]
     for dim in (1, 2):
         if all(s[dim] % dp == 0 for s in shapes):
@@ -336,7 +344,7 @@ def apply_fsdp(model: nn.Module, par: Parallel, param_dtype: torch.dtype | None 
     mtp = list(getattr(model, "mtp", ()))
     for block in [*model.layers, *(m.block for m in mtp)]:
         ffn = block.ffn
-        ep = isinstance(ffn, MoE) and isinstance(ffn.w_gate_up, DTensor)
+        ep = isinstance(ffn, MoE) and is_dtensor(ffn.w_gate_up)
         if isinstance(ffn, MoE) and (ep or param_dtype is not None):
             fully_shard(ffn.router, mesh=par.world, mp_policy=fp32)
         if ep:
@@ -387,4 +395,4 @@ def clip_grad_norm(params: Iterable[torch.Tensor], max_norm: float, par: Paralle
 
 def full_tensor(t: torch.Tensor) -> torch.Tensor:
     """The whole tensor on every rank (a collective for DTensors)."""
-    return t.full_tensor() if isinstance(t, DTensor) else t
+    return t.full_tensor() if is_dtensor(t) else t

@@ -268,6 +268,31 @@ def test_a_second_writer_is_refused_naming_the_first(grid_tune):
     assert report.ran == [] and holder.read() is None
 
 
+def test_a_rival_that_wins_the_settle_wait_stops_the_sweep_before_it_writes(tmp_path, ray_local, monkeypatch):
+    """The lease is claimed, then confirmed after its settle wait, while Ray and Tune start. A rival whose
+    record replaced this run's claim in between wins: this run stops naming it and has written nothing, no
+    trials row and no Tune experiment."""
+    real = Store.lease
+
+    def rivalled(self, sweep, **kw):
+        lease = real(self, sweep, **kw)
+        claim = lease.claim
+
+        def claim_then_lose():
+            claim()
+            real(self, sweep, owner="bob@node3 pid 77", settle_s=0)._write()  # the rival's record lands last
+            return lease
+        lease.claim = claim_then_lose
+        return lease
+
+    monkeypatch.setattr(Store, "lease", rivalled)
+    doc = {"name": "rival", "common": TINY, "base": {"preset": "tiny"}, "seeds": [0], "resources": RESOURCES}
+    with pytest.raises(SweepError, match="bob@node3 pid 77"):
+        run_sweep(parse_spec(doc), storage=str(tmp_path), log=lambda m: None, lease_kw={"settle_s": 0.2})
+    assert not list(tmp_path.glob("trials/**/*.parquet"))
+    assert not (tmp_path / "_ray" / "rival").exists()
+
+
 def test_a_crashed_writers_lease_lapses(grid_tune):
     spec = parse_spec(grid_doc("grid", grid_tune.path))
     dead = Store(grid_tune.root).lease("grid", owner="crashed pid 1", settle_s=0, ttl_s=0.01)
@@ -283,13 +308,13 @@ def test_a_lost_lease_is_an_error_not_a_silent_success(grid_tune, monkeypatch):
 
     def stalled(self, sweep, **kw):
         lease = real(self, sweep, **kw)
-        acquire = lease.acquire
+        confirm = lease.confirm
 
-        def acquire_then_lose():
-            acquire()
+        def confirm_then_lose():
+            confirm()
             lease.lost = True  # what the heartbeat sets when another process took the lease over
             return lease
-        lease.acquire = acquire_then_lose
+        lease.confirm = confirm_then_lose
         return lease
 
     monkeypatch.setattr(Store, "lease", stalled)

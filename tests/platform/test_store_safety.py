@@ -556,3 +556,29 @@ def test_repair_leaves_alone_a_sweep_whose_writer_runs(tmp_path, capsys):
     report = check_store(root, repair=True)  # the writer is gone: now it is repaired
     assert not report.held and str(bad) in report.moved and not bad.exists()
     assert Store(root).lease("sw").read() is None  # and repair's own lease is released
+
+
+def test_a_claimed_lease_is_held_only_once_confirmed(tmp_path):
+    """claim() then confirm() (what run_sweep does, with Ray's start in between): the settle wait counts from
+    the claim, a rival that overwrote the record in between wins, and confirm() is idempotent across threads."""
+    lease = Store(tmp_path).lease("sw", owner="a", settle_s=0.3, heartbeat_s=3600).claim()
+    with pytest.raises(LeaseHeld, match="written by a"):  # a claim is already visible to a later writer
+        Store(tmp_path).lease("sw", settle_s=0).claim()
+    time.sleep(0.35)  # the caller's set-up took longer than settle_s: confirm() need not wait again
+    results = []
+    threads = [threading.Thread(target=lambda: results.append(lease.confirm())) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert results == [lease, lease] and lease._thread is not None
+    lease.release()
+
+    mine = Store(tmp_path).lease("sw", owner="mine", settle_s=0.2).claim()
+    rival = Store(tmp_path).lease("sw", owner="rival", settle_s=0)
+    rival._write()  # wrote its record after this one's claim, before the settle wait ended
+    for _ in range(2):  # the same answer every time it is asked
+        with pytest.raises(LeaseHeld, match="rival"):
+            mine.confirm()
+    with pytest.raises(RuntimeError, match="before claim"):
+        Store(tmp_path).lease("x").confirm()

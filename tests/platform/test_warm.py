@@ -1,6 +1,6 @@
-"""Warm Ray workers (`moelab/platform/warm/sitecustomize.py`, `controller.init_local_ray`): a local sweep's
-prestarted worker processes import torch and the trainer before the first Tune trial lands on them, and
-nothing else that starts Python with that environment is affected."""
+"""Warm Ray workers (`controller.init_local_ray(warm=True)`, `controller._plain_trial_actors`): a local sweep's
+prestarted worker processes import ray.tune, torch and the trainer once they have connected, the sweep's Tune
+trial actors start in them, and a Ray started without warm=True imports nothing ahead."""
 
 from __future__ import annotations
 
@@ -10,54 +10,31 @@ import subprocess
 import sys
 import textwrap
 
-from moelab.platform.controller import WARM_DIR
-
-
-def _python(code: str, env: dict[str, str], argv0: str | None = None) -> dict:
-    """Run `code` in a fresh interpreter (optionally as a script named argv0) and return its JSON output."""
-    full = {**os.environ, **env}
-    if argv0 is None:
-        out = subprocess.run([sys.executable, "-c", code], env=full, capture_output=True, text=True, check=True)
-    else:
-        with open(argv0, "w") as f:
-            f.write(code)
-        out = subprocess.run([sys.executable, argv0], env=full, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-PROBE = textwrap.dedent("""
-    import json, os, sys
-    print(json.dumps({"torch": "torch" in sys.modules, "loop": "moelab.trainers.loop" in sys.modules,
-                      "chained": os.environ.get("OTHER_SITECUSTOMIZE_RAN") == "1" or "other_site" in sys.modules}))
-""")
-
-
-def test_only_a_ray_worker_warms_up_and_another_sitecustomize_still_runs(tmp_path):
-    other = tmp_path / "other"
-    other.mkdir()
-    # a sitecustomize later on the path (a distribution's own, say): ours must not hide it
-    (other / "sitecustomize.py").write_text("import sys, types\nsys.modules['other_site'] = types.ModuleType('x')\n")
-    env = {"PYTHONPATH": os.pathsep.join([WARM_DIR, str(other)]), "MOELAB_WARM_WORKERS": "1"}
-    plain = _python(PROBE, env)
-    assert plain == {"torch": False, "loop": False, "chained": True}
-    worker = _python(PROBE, env, argv0=str(tmp_path / "default_worker.py"))
-    assert worker == {"torch": True, "loop": True, "chained": True}
-    off = _python(PROBE, {**env, "MOELAB_WARM_WORKERS": "0"}, argv0=str(tmp_path / "default_worker.py"))
-    assert off == {"torch": False, "loop": False, "chained": True}
-
 
 RAY = textwrap.dedent("""
     import json, os, sys, time
     import ray
-    from moelab.platform.controller import init_local_ray
-    init_local_ray(num_cpus=1, warm=sys.argv[1] == "1")
-    env_clean = "MOELAB_WARM_WORKERS" not in os.environ
-    time.sleep(float(sys.argv[2]))  # the prestarted worker finishes its imports while the driver waits
+    from ray import tune
+    from moelab.platform.controller import _plain_trial_actors, init_local_ray
+    init_local_ray(num_cpus=2, warm=sys.argv[1] == "1")  # two prestarted workers: a Tune trial, a probe
+    time.sleep(float(sys.argv[2]))
+
+    def trial(config):  # what a sweep's Tune trial finds when it starts
+        tune.report({"torch": "torch" in sys.modules, "loop": "moelab.trainers.loop" in sys.modules})
+
+    def tune_run(plain):
+        with _plain_trial_actors(plain) as took:
+            grid = tune.Tuner(tune.with_resources(trial, {"CPU": 1}),
+                              run_config=tune.RunConfig(storage_path=sys.argv[3], name=f"plain{plain}",
+                                                        verbose=0)).fit()
+        return {"took": took, **{k: bool(v) for k, v in grid[0].metrics.items() if k in ("torch", "loop")}}
+
+    out = {"tune_plain": tune_run(True)}
 
     @ray.remote(num_cpus=1)
     class Probe:
         def modules(self):
-            return {m: m in sys.modules for m in ("torch._dynamo", "ray.tune", "moelab.trainers.loop")}
+            return {m: m in sys.modules for m in ("torch", "ray.tune", "moelab.trainers.loop", "torch._dynamo")}
 
         def threads(self):  # what a trial runs with: one torch thread per CPU Ray gave it, warm or not
             import torch
@@ -68,22 +45,41 @@ RAY = textwrap.dedent("""
             return torch.get_num_threads()
 
     probe = Probe.remote()
-    got = ray.get(probe.modules.remote())
-    got["threads"] = ray.get(probe.threads.remote())
+    out["probe"] = ray.get(probe.modules.remote())
+    out["threads"] = ray.get(probe.threads.remote())
+    ray.kill(probe)
+    logs = ray._private.worker._global_node.get_logs_dir_path()
+
+    def fresh():  # worker processes Ray started for this job (its id in the log name), not prestarted ones
+        return len([f for f in os.listdir(logs) if f.startswith("worker-") and "-01000000-" in f
+                    and f.endswith(".err")])
+
+    out["fresh_before"] = fresh()
+    out["tune_runtime_env"] = tune_run(False)["took"]  # Tune's own actor class (with a runtime_env)
+    out["fresh_after"] = fresh()
     ray.shutdown()
-    print(json.dumps({"env_clean": env_clean, **got}))
+    print(json.dumps(out))
 """)
 
 
-def test_a_local_rays_first_actor_finds_the_trainer_imported(tmp_path):
+def test_a_local_sweeps_trials_start_in_warm_workers(tmp_path):
+    """On a warm local Ray the first Tune trial (with `_plain_trial_actors`, as `run_sweep` runs it) and the
+    first plain actor start in Ray's prestarted workers and find ray.tune, torch and the trainer imported,
+    even when they arrive at once (they wait for the imports there); Tune's own actor class (with its
+    runtime_env) needs a fresh process; a Ray started without warm=True imports nothing ahead."""
     script = tmp_path / "probe_ray.py"
     script.write_text(RAY)
     run = [sys.executable, str(script)]
     env = {**os.environ, "RAY_ADDRESS": ""}
-    warm = json.loads(subprocess.run([*run, "1", "10"], env=env, capture_output=True, text=True, check=True,
-                                     timeout=240).stdout.strip().splitlines()[-1])
-    assert warm == {"env_clean": True, "torch._dynamo": True, "ray.tune": True, "moelab.trainers.loop": True,
-                    "threads": 1}
-    cold = json.loads(subprocess.run([*run, "0", "0"], env=env, capture_output=True, text=True, check=True,
-                                     timeout=240).stdout.strip().splitlines()[-1])
-    assert cold["torch._dynamo"] is False and cold["moelab.trainers.loop"] is False
+    warm = json.loads(subprocess.run([*run, "1", "0", str(tmp_path / "w")], env=env, capture_output=True, text=True,
+                                     check=True, timeout=300).stdout.strip().splitlines()[-1])
+    assert warm["threads"] == 1
+    assert warm["tune_plain"] == {"took": True, "torch": True, "loop": True}
+    # the probe actor runs in the second prestarted worker, warm as well; torch._dynamo stays unloaded
+    assert warm["probe"] == {"torch": True, "ray.tune": True, "moelab.trainers.loop": True, "torch._dynamo": False}
+    assert warm["fresh_before"] == 0  # trial and probe: prestarted workers, though asked for at once (0 s)
+    assert warm["tune_runtime_env"] is False and warm["fresh_after"] == 1
+    cold = json.loads(subprocess.run([*run, "0", "0", str(tmp_path / "c")], env=env, capture_output=True, text=True,
+                                     check=True, timeout=300).stdout.strip().splitlines()[-1])
+    assert cold["tune_plain"] == {"took": True, "torch": False, "loop": False}
+    assert cold["probe"]["torch"] is False and cold["probe"]["moelab.trainers.loop"] is False
