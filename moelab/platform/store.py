@@ -950,7 +950,9 @@ class Lease:
     `release()`; `lost` turns true if another process took the lease over (this one stalled past ttl_s).
 
     Acquiring writes the record, waits `settle_s` and reads it back: of two processes acquiring at the same
-    moment, the one whose record is not the last written sees the other's and backs off. On a local disk or
+    moment, the one whose record is not the last written sees the other's and backs off. `acquire()` does both;
+    `claim()` and `confirm()` split them, so a caller can read the sweep and start its machinery during the
+    wait (`run_sweep` starts Ray and Tune meanwhile) and write only once the lease is confirmed. On a local disk or
     an object store with read-after-write consistency (S3, GCS) this decides between writers that start more
     than a network round trip apart; it is a guard against a second `--resume`, not a consensus protocol."""
 
