@@ -29,7 +29,7 @@ import moelab.results as mr
 from moelab.platform.controller import (FAULT_NAN_TRIAL_ENV, FAULT_TRIAL_ENV, RAY_DIR, SweepError,
                                         format_report, max_concurrent_trials, run_sweep, trial_env)
 from moelab.platform.spec import SpecError, expand, load_spec, parse_spec
-from moelab.platform.store import Store
+from moelab.platform.store import Lease, Store
 from moelab.platform.worker import FAULT_ENV, FAULT_MARKER
 from moelab.trainers.loop import FAULT_NAN_ENV
 
@@ -268,24 +268,32 @@ def test_a_second_writer_is_refused_naming_the_first(grid_tune):
     assert report.ran == [] and holder.read() is None
 
 
+def after_lease_call(monkeypatch, method: str, then) -> None:
+    """Every sweep lease made from now on runs `then(lease)` right after its `method` (claim / confirm)."""
+    real = Store.lease
+
+    def patched(self, sweep, **kw):
+        lease = real(self, sweep, **kw)
+        original = getattr(lease, method)
+
+        def wrapped():
+            original()
+            then(lease)
+            return lease
+        setattr(lease, method, wrapped)
+        return lease
+
+    monkeypatch.setattr(Store, "lease", patched)
+
+
 def test_a_rival_that_wins_the_settle_wait_stops_the_sweep_before_it_writes(tmp_path, ray_local, monkeypatch):
     """The lease is claimed, then confirmed after its settle wait, while Ray and Tune start. A rival whose
     record replaced this run's claim in between wins: this run stops naming it and has written nothing, no
     trials row and no Tune experiment."""
-    real = Store.lease
+    def rival_writes(lease):  # the rival's record lands after this run's claim
+        Lease(lease.store, lease.sweep, owner="bob@node3 pid 77", settle_s=0)._write()
 
-    def rivalled(self, sweep, **kw):
-        lease = real(self, sweep, **kw)
-        claim = lease.claim
-
-        def claim_then_lose():
-            claim()
-            real(self, sweep, owner="bob@node3 pid 77", settle_s=0)._write()  # the rival's record lands last
-            return lease
-        lease.claim = claim_then_lose
-        return lease
-
-    monkeypatch.setattr(Store, "lease", rivalled)
+    after_lease_call(monkeypatch, "claim", rival_writes)
     doc = {"name": "rival", "common": TINY, "base": {"preset": "tiny"}, "seeds": [0], "resources": RESOURCES}
     with pytest.raises(SweepError, match="bob@node3 pid 77"):
         run_sweep(parse_spec(doc), storage=str(tmp_path), log=lambda m: None, lease_kw={"settle_s": 0.2})
@@ -304,20 +312,8 @@ def test_a_crashed_writers_lease_lapses(grid_tune):
 
 def test_a_lost_lease_is_an_error_not_a_silent_success(grid_tune, monkeypatch):
     spec = parse_spec(grid_doc("grid", grid_tune.path))
-    real = Store.lease
-
-    def stalled(self, sweep, **kw):
-        lease = real(self, sweep, **kw)
-        confirm = lease.confirm
-
-        def confirm_then_lose():
-            confirm()
-            lease.lost = True  # what the heartbeat sets when another process took the lease over
-            return lease
-        lease.confirm = confirm_then_lose
-        return lease
-
-    monkeypatch.setattr(Store, "lease", stalled)
+    # what the heartbeat sets when another process took the lease over
+    after_lease_call(monkeypatch, "confirm", lambda lease: setattr(lease, "lost", True))
     with pytest.raises(SweepError, match="took over its lease"):
         run_sweep(spec, storage=grid_tune.root, resume=True, log=lambda m: None, lease_kw={"settle_s": 0})
 
