@@ -13,8 +13,9 @@ concurrency = CPUs / that). For each:
     its training time: start-up, imports, model build, the end of the run;
   * slot overhead per trial: (sweep wall x concurrency - sum of training) / trials: all a slot spends on
     anything but training, the gaps between trials and the sweep's start and end included;
-  * training share: sum of training / (sweep wall x concurrency); also counted from Ray's start (what a
-    user of `moelab sweep` waits for: the CLI starts Ray itself);
+  * training share: sum of training / (sweep wall x concurrency); also counted from Ray's start, and of the
+    whole command (the parent's clock around the fresh Python process that runs the sweep: interpreter,
+    imports, Ray's start, the sweep, Ray's shutdown: what `time moelab sweep` would show);
   * first trial running at: from the call of `run_sweep` to the first trial's `running` line (its Tune
     actor has started and called the trainable); fresh worker processes: workers Ray started for the
     sweep (the trial actors of the `tune` path start in the ones Ray prestarted).
@@ -22,16 +23,19 @@ concurrency = CPUs / that). For each:
 Paths: `tune` starts Ray as `moelab sweep` does (`controller.init_local_ray(warm=True)`: Ray's prestarted worker
 processes import ray.tune, torch and the trainer once connected, and the trial actors start in them);
 `tune-cold` the same trials on a Ray started without warm workers (the trial actors start in Ray's prestarted
-worker processes, which import ray.tune, torch and the trainer only when their first trial starts); `train` Ray Train runs. Each path runs in a fresh Python
-process, so each pays the driver's own imports (ray.tune) as `moelab sweep` does.
+worker processes, which import ray.tune, torch and the trainer only when their first trial starts); `train`
+Ray Train runs. Each path runs in a fresh Python process. Its driver imports ray.tune before it starts Ray, as
+`moelab sweep` does (`--driver-imports before`), or leaves it to `run_sweep` (`inside`: a script that calls
+it); the share of the whole command counts it either way.
 
     OMP_NUM_THREADS=1 python bench/controller_bench.py [--steps 60] [--cpus 2] [--cpus-per-worker 1]
-        [--paths tune tune-cold train] [--repeats 1]
+        [--paths tune tune-cold train] [--repeats 1] [--driver-imports before|inside]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import glob
 import json
 import os
@@ -57,12 +61,22 @@ def spec_doc(steps: int, ckpt_every: int, cpus_per_worker: float, path: str) -> 
             "resources": {"workers": 1, "cpus_per_worker": cpus_per_worker, "ray_train": path == "train"}}
 
 
-def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, label: str) -> dict:
+def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, label: str, driver_imports: str) -> dict:
     path, warm = ("tune", False) if label == "tune-cold" else (label, label == "tune")
-    import ray
+    t_imports = time.perf_counter()
+    try:
+        from moelab.startup import startup_imports
+    except ImportError:  # an older checkout, for a before/after run
+        startup_imports = contextlib.nullcontext
+    with startup_imports():
+        import ray
 
-    import moelab.results as mr
-    from moelab.platform.controller import init_local_ray, run_sweep
+        if driver_imports == "before":  # as `moelab sweep` does, before it starts Ray
+            import ray.tune  # noqa: F401
+
+        import moelab.results as mr
+        from moelab.platform.controller import init_local_ray, run_sweep
+    imports_s = time.perf_counter() - t_imports
 
     root = tempfile.mkdtemp(prefix="controller-bench-")
     load0 = os.getloadavg()[0]
@@ -92,6 +106,7 @@ def one(steps: int, ckpt_every: int, cpus: int, cpus_per_worker: float, label: s
     assert set(spans) == set(train), (sorted(spans), sorted(train))
     n, conc = len(train), report.max_concurrent
     return {"path": label, "cpus_per_worker": cpus_per_worker, "concurrency": conc, "trials": n,
+            "driver_imports": driver_imports, "imports_s": imports_s,
             "ray_start_s": ray_start, "sweep_wall_s": report.wall_s, "train_sum_s": sum(train.values()),
             "train_median_s": statistics.median(train.values()),
             "span_median_s": statistics.median(spans.values()),
@@ -114,35 +129,46 @@ def main() -> int:
                    help="tune: inside Tune trials on warm workers (what moelab sweep does); tune-cold: the same "
                         "on workers that import everything when their first trial starts; train: Ray Train runs")
     p.add_argument("--repeats", type=int, default=1, help="run the paths this many times, interleaved")
+    p.add_argument("--driver-imports", choices=["before", "inside"], default="before",
+                   help="before: the driver imports ray.tune before it starts Ray, as `moelab sweep` does; "
+                        "inside: run_sweep imports it (a script or notebook that calls run_sweep)")
     p.add_argument("--json", help="also write the rows here")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: run one path in this process, print its row
     a = p.parse_args()
     if a.one:
-        print(json.dumps(one(a.steps, a.ckpt_every, a.cpus, a.cpus_per_worker[0], a.one)))
+        print(json.dumps(one(a.steps, a.ckpt_every, a.cpus, a.cpus_per_worker[0], a.one, a.driver_imports)))
         return 0
     rows = []
     for _ in range(a.repeats):
         for c in a.cpus_per_worker:
             for path in a.paths:  # a fresh process per sweep: nothing imported or started by an earlier one
+                t = time.perf_counter()
                 out = subprocess.run([sys.executable, __file__, "--one", path, "--steps", str(a.steps),
                                       "--ckpt-every", str(a.ckpt_every), "--cpus", str(a.cpus),
-                                      "--cpus-per-worker", str(c)], capture_output=True, text=True)
+                                      "--cpus-per-worker", str(c), "--driver-imports", a.driver_imports],
+                                     capture_output=True, text=True)
+                command_s = time.perf_counter() - t
                 if out.returncode != 0:
                     sys.stderr.write(out.stderr[-4000:])
                     raise SystemExit(f"{path}: exit {out.returncode}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                row = json.loads(out.stdout.strip().splitlines()[-1])
+                row["command_s"] = command_s
+                row["train_share_of_command"] = row["train_sum_s"] / (command_s * row["concurrency"])
+                rows.append(row)
     print(f"8 x moe-tiny, {a.steps} steps x 1,024 tokens, {a.cpus} CPUs, {platform.machine()}, "
           f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')}, {time.strftime('%Y-%m-%d')}")
     print("| path | CPUs/worker | concurrent | sweep wall (s) | sum of training (s) | median training (s) "
           "| median trial span (s) | median overhead/trial (s) | slot overhead/trial (s) | training share "
-          "| Ray start (s) | share from Ray start | first trial running at (s) | fresh worker processes "
-          "| load avg before/after |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| Ray start (s) | share from Ray start | whole command (s) | share of the command "
+          "| first trial running at (s) | fresh worker processes | load avg before/after |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: "
+          "| ---: | ---: |")
     for r in rows:
         print(f"| {r['path']} | {r['cpus_per_worker']:g} | {r['concurrency']} | {r['sweep_wall_s']:.1f} | "
               f"{r['train_sum_s']:.1f} | {r['train_median_s']:.2f} | {r['span_median_s']:.1f} | "
               f"{r['overhead_median_s']:.1f} | {r['slot_overhead_per_trial_s']:.1f} | {r['train_share']:.0%} | "
-              f"{r['ray_start_s']:.1f} | {r['train_share_from_ray_start']:.0%} | {r['first_running_s']:.1f} | "
+              f"{r['ray_start_s']:.1f} | {r['train_share_from_ray_start']:.0%} | {r['command_s']:.1f} | "
+              f"{r['train_share_of_command']:.0%} | {r['first_running_s']:.1f} | "
               f"{r['fresh_worker_processes']} | "
               f"{r['load_before']:.1f} / {r['load_after']:.1f} |")
     if a.json:

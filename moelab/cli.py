@@ -87,8 +87,11 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _train_ranks(rc, args: argparse.Namespace, par) -> int:
+    from moelab.startup import startup_imports
     from moelab.trainers.config import ConfigError
-    from moelab.trainers.loop import Diverged, train
+
+    with startup_imports():  # torch and the trainer, without the garbage collector (moelab.startup)
+        from moelab.trainers.loop import Diverged, train
 
     main_rank = par is None or par.is_main
     say = print if main_rank else (lambda *a, **k: None)
@@ -311,8 +314,13 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         print(format_trials(trials))
         print(f"storage: {redact_uri(root)}")
         return 0
-    from moelab.platform.controller import SweepError, format_report, run_sweep
-    from moelab.platform.sink import WandbUnavailable
+    from moelab.startup import startup_imports
+
+    with startup_imports():  # the driver's Ray and Tune, without the garbage collector (moelab.startup)
+        import ray.tune  # noqa: F401 - what run_sweep's controller imports when it starts
+
+        from moelab.platform.controller import SweepError, format_report, run_sweep
+        from moelab.platform.sink import WandbUnavailable
 
     live = LiveLine(sys.stderr)
     try:

@@ -276,19 +276,21 @@ def _init_ray(log: Callable[[str], None], warm: bool = False) -> bool:
     return True
 
 
-# What a 1-worker trial imports, in the order it imports it: Ray's prestarted workers import these once they
-# have connected, before they take work (Ray's `preload_python_modules`), while the driver sets the sweep up.
-# Not torch._dynamo: the trainer never loads it unless asked to compile (moelab.trainers.optim.AdamW).
-WARM_MODULES = ("ray.tune", "torch", "moelab.platform.worker", "moelab.trainers.loop")
+# Ray's prestarted workers import this once they have connected, before they take work (Ray's
+# `preload_python_modules`), while the driver sets the sweep up: it imports what a 1-worker trial needs
+# (`moelab.platform.warm.MODULES`) with the garbage collector off.
+WARM_MODULES = ("moelab.platform.warm",)
+WARM_IDLE_KEEP_MS = 60_000  # how long a warm local Ray keeps an idle worker beyond its free CPUs
 
 
 def init_local_ray(*, warm: bool = True, **kwargs: Any) -> None:
     """Start a local Ray (`ray.init(**kwargs)`, no dashboard, worker logs not forwarded by default).
 
     warm: every worker process this Ray starts imports `WARM_MODULES` after it has connected and before it
-    takes work (Ray's `preload_python_modules` system setting), so the one-per-CPU workers Ray prestarts,
-    in which a sweep's first Tune trials start (`_plain_trial_actors`), have ray.tune, torch and the trainer
-    loaded by the time the driver has set the sweep up (measured: bench/RESULTS.md, "Sweep controller").
+    takes work (Ray's `preload_python_modules` system setting; `moelab.platform.warm`), so the one-per-CPU
+    workers Ray prestarts, in which a sweep's first Tune trials start (`_plain_trial_actors`), have ray.tune,
+    torch and the trainer loaded by the time the driver has set the sweep up (measured: bench/RESULTS.md,
+    "Sweep controller").
     `ray.init` does not wait for those imports, only for the workers to connect; an actor that arrives
     earlier waits for them in its worker instead of a fresh process being started. Only for trials that run
     inside Tune trials: a Ray Train run's helper actors would import torch for nothing."""
@@ -298,6 +300,10 @@ def init_local_ray(*, warm: bool = True, **kwargs: Any) -> None:
     if warm:
         config = dict(kwargs.pop("_system_config", None) or {})
         config.setdefault("preload_python_modules", list(WARM_MODULES))
+        # Ray kills a never-used idle worker after 1 s once the idle ones outnumber the free CPUs, which is the
+        # moment a sweep's placement groups have reserved the CPUs for the trials about to start in them: a
+        # warm worker was killed and the trial started in a fresh process (~1 run in 5 on 2 cores).
+        config.setdefault("idle_worker_killing_time_threshold_ms", WARM_IDLE_KEEP_MS)
         kwargs["_system_config"] = config
     ray.init(**kwargs)
 
@@ -515,10 +521,14 @@ def _tune(spec: SweepSpec, todo: list[Trial], store: Store, status: dict[str, st
           max_concurrent: int | None, use_wandb: bool, worker_retries: int, trial_retries: int,
           say: Callable[[str], None], trial_log: Callable[[str], None], pending: _PendingRows,
           progress: Callable[[SweepProgress], None] | None, total: int, lease: Any) -> int:
-    import ray
-    from ray import tune
+    from moelab.startup import startup_imports
 
-    from moelab.platform.sink import StoreSink, WandbSink
+    # Not frozen: run_sweep may be called from a long-lived session (a notebook) whose objects are its own.
+    with startup_imports(freeze=False):
+        import ray
+        from ray import tune
+
+        from moelab.platform.sink import StoreSink, WandbSink
 
     n = max_concurrent or max_concurrent_trials(spec, ray.cluster_resources(), len(todo))
     r = spec.resources

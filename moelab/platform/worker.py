@@ -41,9 +41,11 @@ For the sweep controller (`moelab.platform.controller`) the run also:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import sys
 import tempfile
 import time
 import uuid
@@ -51,6 +53,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from moelab.startup import startup_imports
 from moelab.trainers.config import RunConfig, from_dict, to_dict
 
 FAULT_ENV = "MOELAB_FAULT_AT_STEP"
@@ -257,10 +260,14 @@ class _TuneChannel:
 
 def _run(config: dict[str, Any], channel: Any) -> None:
     """One rank of a run, on either path; `channel` delivers its reports (see the module docstring)."""
-    import torch
+    # A process's first run imports torch and the trainer here (a Ray Train worker, a Tune trial on a cold
+    # worker); a warm worker has them already (moelab.platform.warm) and holds no earlier run's objects then.
+    first = "moelab.trainers.loop" not in sys.modules
+    with startup_imports() if first else contextlib.nullcontext():
+        import torch
 
-    from moelab.trainers.loop import Diverged, Trainer
-    from moelab.trainers.parallel import init_parallel
+        from moelab.trainers.loop import Diverged, Trainer
+        from moelab.trainers.parallel import init_parallel
 
     env = config.get("env", {})
     for k in [k for k in os.environ if k.startswith("MOELAB_") and k not in env]:

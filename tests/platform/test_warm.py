@@ -36,6 +36,11 @@ RAY = textwrap.dedent("""
         def modules(self):
             return {m: m in sys.modules for m in ("torch", "ray.tune", "moelab.trainers.loop", "torch._dynamo")}
 
+        def gc_state(self):  # the warm-up's imports were frozen, and the collector is on again
+            import gc
+
+            return {"enabled": gc.isenabled(), "frozen": gc.get_freeze_count() > 0}
+
         def threads(self):  # what a trial runs with: one torch thread per CPU Ray gave it, warm or not
             import torch
 
@@ -46,6 +51,7 @@ RAY = textwrap.dedent("""
 
     probe = Probe.remote()
     out["probe"] = ray.get(probe.modules.remote())
+    out["gc"] = ray.get(probe.gc_state.remote())
     out["threads"] = ray.get(probe.threads.remote())
     ray.kill(probe)
     logs = ray._private.worker._global_node.get_logs_dir_path()
@@ -77,9 +83,13 @@ def test_a_local_sweeps_trials_start_in_warm_workers(tmp_path):
     assert warm["tune_plain"] == {"took": True, "torch": True, "loop": True}
     # the probe actor runs in the second prestarted worker, warm as well; torch._dynamo stays unloaded
     assert warm["probe"] == {"torch": True, "ray.tune": True, "moelab.trainers.loop": True, "torch._dynamo": False}
-    assert warm["fresh_before"] == 0  # trial and probe: prestarted workers, though asked for at once (0 s)
+    assert warm["gc"] == {"enabled": True, "frozen": True}  # moelab.platform.warm: moelab.startup
+    # trial and probe: prestarted workers, though asked for at once (0 s) and the trial's placement group holds
+    # the CPU it takes (Ray would kill an idle worker beyond the free CPUs: WARM_IDLE_KEEP_MS)
+    assert warm["fresh_before"] == 0
     assert warm["tune_runtime_env"] is False and warm["fresh_after"] == 1
     cold = json.loads(subprocess.run([*run, "0", "0", str(tmp_path / "c")], env=env, capture_output=True, text=True,
                                      check=True, timeout=300).stdout.strip().splitlines()[-1])
     assert cold["tune_plain"] == {"took": True, "torch": False, "loop": False}
     assert cold["probe"]["torch"] is False and cold["probe"]["moelab.trainers.loop"] is False
+    assert cold["gc"] == {"enabled": True, "frozen": False}
