@@ -121,3 +121,45 @@ def test_unknown_gpu_peak_leaves_mfu_unreported(tmp_path, capsys, monkeypatch):
     rows, lines = _train(tmp_path, capsys)
     assert all(math.isnan(r["mfu"]) for r in rows) and all(r["tokens_per_s"] > 0 for r in rows)
     assert all("mfu n/a" in line for line in lines if line.startswith("step "))
+
+
+class _FakeGemm:
+    """torch.mm and the clock of `hardware`, faked: product k takes durations[k % len] seconds."""
+
+    def __init__(self, durations):
+        self.now, self.k, self.durations = 0.0, 0, durations
+
+    def clock(self):
+        return self.now
+
+    def mm(self, a, b):
+        self.now += self.durations[self.k % len(self.durations)]
+        self.k += 1
+
+
+def _measure(monkeypatch, durations, n=64):
+    fake = _FakeGemm(durations)
+    monkeypatch.setattr(hardware.time, "perf_counter", fake.clock)
+    monkeypatch.setattr(hardware.torch, "mm", fake.mm)
+    hardware._measured_cpu_peak.cache_clear()
+    try:
+        return hardware._measured_cpu_peak(1, n=n), fake.k - 1  # the first product warms up, untimed
+    finally:
+        hardware._measured_cpu_peak.cache_clear()
+
+
+def test_cpu_peak_stops_once_its_fastest_product_repeats(monkeypatch):
+    # an idle machine: every product as fast; 20 products, then four agree
+    peak, products = _measure(monkeypatch, [1e-3])
+    assert products == 20 and peak == pytest.approx(2 * 64**3 / 1e-3)
+    # a loaded machine: most products interrupted, one in ten clean; it keeps going until four clean ones
+    peak, products = _measure(monkeypatch, [1e-3] + [5e-3] * 9)
+    assert products == 40 and peak == pytest.approx(2 * 64**3 / 1e-3)
+
+
+def test_cpu_peak_gives_up_at_its_budget(monkeypatch):
+    # no two products within 1% of each other: the 0.25 s budget ends it, with the best product
+    durations = [1e-3 * 1.05**k for k in range(1000)]
+    peak, products = _measure(monkeypatch, durations)
+    elapsed = sum(durations[1:products + 1])
+    assert 0.25 < elapsed < 0.25 + durations[products] and peak == pytest.approx(2 * 64**3 / 1e-3 / 1.05)
