@@ -50,6 +50,10 @@ def parse_overrides(extra: list[str]) -> dict[str, Any]:
 
 
 def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
+    from moelab.startup import startup_imports
+
+    with startup_imports(freeze=args.fresh_process):  # torch and the trainer (see main)
+        import moelab.trainers.loop  # noqa: F401
     from moelab.trainers.config import ConfigError, load_run_config
 
     overrides = parse_overrides(extra)
@@ -87,11 +91,8 @@ def cmd_train(args: argparse.Namespace, extra: list[str]) -> int:
 
 
 def _train_ranks(rc, args: argparse.Namespace, par) -> int:
-    from moelab.startup import startup_imports
     from moelab.trainers.config import ConfigError
-
-    with startup_imports():  # torch and the trainer, without the garbage collector (moelab.startup)
-        from moelab.trainers.loop import Diverged, train
+    from moelab.trainers.loop import Diverged, train
 
     main_rank = par is None or par.is_main
     say = print if main_rank else (lambda *a, **k: None)
@@ -316,7 +317,7 @@ def cmd_sweep(args: argparse.Namespace, extra: list[str]) -> int:
         return 0
     from moelab.startup import startup_imports
 
-    with startup_imports():  # the driver's Ray and Tune, without the garbage collector (moelab.startup)
+    with startup_imports(freeze=args.fresh_process):  # the driver's Ray and Tune (see main)
         import ray.tune  # noqa: F401 - what run_sweep's controller imports when it starts
 
         from moelab.platform.controller import SweepError, format_report, run_sweep
@@ -740,10 +741,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    from moelab.startup import startup_imports
+
+    # A `moelab` process's heavy imports (torch, already for the parser; the trainer; Ray and Tune) run without
+    # the garbage collector, and `train` and `sweep` freeze them (moelab.startup) when this call is the process's
+    # start: not in a caller that had torch already (a test, a notebook), whose objects are its own.
+    fresh_process = "torch" not in sys.modules
+    with startup_imports(freeze=False):
+        parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command != "train":
         parser.error(f"unrecognised arguments: {' '.join(extra)}")
+    args.fresh_process = fresh_process
     return args.func(args, extra)
 
 

@@ -57,3 +57,20 @@ def test_imports_take_no_full_collection():
         full[on], frozen[on] = int(out[0]), int(out[1])
     assert full["1"] == 0 and frozen["1"] > 100_000
     assert full["0"] >= 1 and frozen["0"] == 0
+
+
+@pytest.mark.parametrize("torch_first", [False, True])
+def test_moelab_train_freezes_only_at_its_process_start(tmp_path, torch_first):
+    """`moelab train` in a fresh process freezes its imports; called in a process that had torch already (a
+    test, a notebook), it freezes nothing of the caller's (frozen objects are never collected as cycles)."""
+    code = ("import gc, sys\n"
+            + ("import torch\n" if torch_first else "")
+            + "from moelab.cli import main\n"
+            "assert main(['train', '--preset', 'moe-tiny', '--steps', '2', '--train.batch_size', '2', '--out', "
+            "sys.argv[1]]) == 0\n"
+            "print('FROZEN', gc.get_freeze_count(), gc.isenabled())\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], capture_output=True, text=True,
+                         check=True, timeout=300).stdout
+    frozen, enabled = out.split("FROZEN")[-1].split()
+    assert enabled == "True"
+    assert (int(frozen) > 100_000) if not torch_first else int(frozen) == 0
