@@ -80,9 +80,9 @@ def _measured_cpu_peak(threads: int, n: int = 512, budget_s: float = 0.25) -> fl
     """The fp32 GEMM rate of this CPU at `threads` threads: the practical ceiling on CPU. The best of repeated
     products, so that a moment of load from other processes does not lower it (and inflate MFU). It stops
     once, after at least 20 products, four have run within 1% of the fastest (the fastest seen again: about
-    50 ms on an idle machine), else after `budget_s`. Measured on the 2-core machine, 10 runs each: 104.5
-    GFLOP/s median (104.0-105.0) in 0.05 s against 104.8 (104.0-105.2) for the full 0.25 s; with two busy
-    processes on the 2 cores, 103.2 (101.4-104.6) in 0.09 s against 104.6 (102.0-105.2)."""
+    60 ms on an idle machine), else after `budget_s`. Against the best over a fixed 0.25 s, interleaved on the
+    2-core machine (bench/cpu_peak_bench.py): 1.2% lower in the median, 1.6% at the 10th percentile, 6% in the
+    worst of 30 (MFU that much higher), in a quarter of the time."""
     a, b = torch.randn(n, n), torch.randn(n, n)
     torch.mm(a, b)
     times: list[float] = []
